@@ -1,0 +1,12 @@
+"""ekfac_triton: EKFAC, K-FAC and TEKFAC second-order optimizers for PyTorch.
+
+    from ekfac_triton import EKFAC
+    opt = EKFAC(model, lr=0.1, damping=1e-3)
+    loss.backward(); opt.step(); opt.zero_grad()
+"""
+
+from .optimizer import EKFAC, KFAC, TEKFAC
+from .preconditioner import Preconditioner
+
+__version__ = "0.1.0"
+__all__ = ["EKFAC", "KFAC", "TEKFAC", "Preconditioner", "__version__"]

@@ -1,0 +1,31 @@
+"""Which implementation runs the kernel families: the torch references, or Triton on CUDA."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from .config import BACKENDS
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Whether Triton kernels can run on ``device``: a CUDA device and an importable triton."""
+    return device.type == "cuda" and torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for ``backend`` on ``device``.
+
+    ``"auto"`` resolves to ``"torch"`` in this version (the Triton kernels land in a later
+    release); ``"triton"`` raises a clear error wherever it cannot run.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"Invalid backend={backend!r}: must be one of {BACKENDS}")
+    if backend == "triton":
+        if not triton_usable(device):
+            raise ValueError(f"Invalid backend='triton': the model's parameters are on {device}, and Triton "
+                             "kernels need a CUDA device with triton installed; use backend='torch' or 'auto'")
+        raise ValueError("Invalid backend='triton': this version ships only the torch backend; "
+                         "use backend='torch' or 'auto'")
+    return "torch"

@@ -1,0 +1,181 @@
+"""The shared machinery of curvatures that precondition in a Kronecker-factored eigenbasis.
+
+A curvature owns, per layer, an input-side factor (A, or TEKFAC's Φ) and an output-side factor
+(G, or Ψ) kept as bias-corrected EMAs, their eigenbases, and the scaling S that divides the
+projected gradient (George et al. 2018, Alg. 1):
+
+    ΔW̄ ∝ Q_out [ (Q_outᵀ ∇W̄ Q_in) / (S + λ) ] Q_inᵀ
+
+Subclasses say how the factors are estimated and how S is formed: K-FAC's eigenvalue products,
+EKFAC's diagonal, TEKFAC's diagonal in the trace-weighted basis.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..eigen import Eigh, symmetric_eigh
+from ..kernels import factor_update_reference, per_example_scaling_reference, precondition_reference
+from ..layers import LayerBatch
+
+SCALINGS = ("per_example", "batch", "per_position")
+
+
+def ema_weights(decay: float, count: int) -> tuple[float, float]:
+    """``(beta, alpha)`` such that ``C <- beta*C + alpha*x`` keeps C equal to the bias-corrected
+    EMA ``m_k / (1 - decay^k)`` after its k-th update (``count = k``): the first update sets C to
+    the batch estimate, with no bias towards the zero initialisation."""
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    norm = 1.0 - decay**count
+    return decay * (1.0 - decay ** (count - 1)) / norm, (1.0 - decay) / norm
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What a curvature needs to know of its layer."""
+
+    d_out: int
+    d_in: int
+    bias: bool
+
+    @property
+    def d_in_bar(self) -> int:
+        return self.d_in + int(self.bias)
+
+
+class EigenbasisCurvature(ABC):
+    """Per-layer state and maths of a Kronecker-eigenbasis preconditioner.
+
+    Args:
+        shape: the layer's dimensions.
+        dtype, device: where the factors, bases and scalings live (float32 or float64).
+        scaling: estimator of S for the curvatures that estimate it (see ``SCALINGS``).
+    """
+
+    name: ClassVar[str]
+    #: whether S is estimated (EKFAC, TEKFAC) rather than derived from the eigenvalues (K-FAC)
+    estimates_scaling: ClassVar[bool] = True
+
+    _TENSORS = ("in_factor", "out_factor", "in_eigenvalues", "out_eigenvalues", "q_in", "q_out", "scaling")
+    _COUNTS = ("factor_updates", "scaling_updates")
+
+    def __init__(self, shape: LayerShape, dtype: torch.dtype, device: torch.device, scaling: str = "per_example"):
+        if scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+        self.shape = shape
+        self.scaling_mode = scaling
+        self.in_factor = torch.zeros(shape.d_in_bar, shape.d_in_bar, dtype=dtype, device=device)
+        self.out_factor = torch.zeros(shape.d_out, shape.d_out, dtype=dtype, device=device)
+        self.in_eigenvalues: Tensor | None = None
+        self.out_eigenvalues: Tensor | None = None
+        self.q_in: Tensor | None = None
+        self.q_out: Tensor | None = None
+        self.scaling: Tensor | None = None
+        self.factor_updates = 0
+        self.scaling_updates = 0
+
+    # -- statistics ---------------------------------------------------------------------------
+    @abstractmethod
+    def _factor_weights(self, batch: LayerBatch) -> tuple[Tensor | None, Tensor | None]:
+        """Row weights of the input-side and output-side factors (None: unweighted)."""
+
+    def update_factors(self, batch: LayerBatch, decay: float) -> None:
+        """EMA update of both factors from one batch (K-FAC-expand normalisation, DESIGN §1):
+        ``in += 1/(N·R) Σ_ns w_in ā āᵀ``, ``out += 1/N Σ_ns w_out ĝ ĝᵀ``."""
+        self.factor_updates += 1
+        beta, alpha = ema_weights(decay, self.factor_updates)
+        n, r = batch.num_examples, batch.num_positions
+        w_in, w_out = self._factor_weights(batch)
+        factor_update_reference(self.in_factor, batch.a, alpha=alpha / (n * r), beta=beta,
+                                bias=self.shape.bias, weights=w_in)
+        factor_update_reference(self.out_factor, batch.g, alpha=alpha / n, beta=beta, bias=False, weights=w_out)
+
+    # -- eigenbasis -----------------------------------------------------------------------------
+    @property
+    def has_basis(self) -> bool:
+        return self.q_in is not None
+
+    def refresh_basis(self) -> str | None:
+        """Eigendecompose both factors. Returns None on success, else a note for the warning.
+
+        On success the scaling is re-initialised to the K-FAC eigenvalue products in the new basis
+        and its EMA restarts, so the next estimate replaces it. On failure of either factor the
+        previous basis and scaling are kept; a layer that never had a basis gets the identity
+        basis with the factors' diagonals as eigenvalues (a diagonal approximation).
+        """
+        new_in, note_in = symmetric_eigh(self.in_factor)
+        new_out, note_out = symmetric_eigh(self.out_factor)
+        if new_in is None or new_out is None:
+            if not self.has_basis:
+                self._set_basis(Eigh(self.in_factor.diagonal().clone(), torch.eye(*self.in_factor.shape, dtype=self.in_factor.dtype, device=self.in_factor.device)),
+                                Eigh(self.out_factor.diagonal().clone(), torch.eye(*self.out_factor.shape, dtype=self.out_factor.dtype, device=self.out_factor.device)))
+            return "; ".join(x for x in (note_in, note_out) if x) + ("; keeping the previous basis" if self.has_basis else "")
+        self._set_basis(new_in, new_out)
+        return "; ".join(x for x in (note_in, note_out) if x) or None
+
+    def _set_basis(self, e_in: Eigh, e_out: Eigh) -> None:
+        self.q_in, self.in_eigenvalues = e_in.vectors, e_in.values
+        self.q_out, self.out_eigenvalues = e_out.vectors, e_out.values
+        self.scaling = self.eigenvalue_products()
+        self.scaling_updates = 0
+
+    def eigenvalue_products(self) -> Tensor:
+        """K-FAC's scaling ``λ_out λ_inᵀ`` (eigenvalues clamped at 0: the factors are PSD)."""
+        return torch.outer(self.out_eigenvalues.clamp_min(0), self.in_eigenvalues.clamp_min(0))
+
+    # -- scaling and preconditioning ------------------------------------------------------------
+    def update_scaling(self, batch: LayerBatch, decay: float) -> None:
+        """EMA update of S from one batch's per-example gradients (``per_example`` and
+        ``per_position`` modes; the ``batch`` mode updates S inside :meth:`precondition`)."""
+        if not self.estimates_scaling or self.scaling_mode == "batch":
+            return
+        self.scaling_updates += 1
+        beta, alpha = ema_weights(decay, self.scaling_updates)
+        n = batch.num_examples
+        g, a = batch.g, batch.a
+        if self.scaling_mode == "per_position":  # positions as examples: an approximation
+            g, a = g.reshape(-1, 1, g.shape[-1]), a.reshape(-1, 1, a.shape[-1])
+        per_example_scaling_reference(self.scaling, g, a, self.q_out, self.q_in, alpha=alpha / n, beta=beta,
+                                      bias=self.shape.bias)
+
+    def damping_for(self, damping: float) -> float | Tensor:
+        """The damping actually added to S (TEKFAC's effective damping overrides this)."""
+        return damping
+
+    def precondition(self, grad: Tensor, damping: float, num_examples: int, decay: float) -> Tensor:
+        """``Q_out [(Q_outᵀ grad Q_in) / (S + λ)] Q_inᵀ`` for the (d_out, d_in̄) gradient matrix.
+
+        In ``batch`` mode S is first updated with ``num_examples · P²`` (EMA with ``decay``).
+        """
+        batch_update = None
+        if self.estimates_scaling and self.scaling_mode == "batch":
+            self.scaling_updates += 1
+            beta, alpha = ema_weights(decay, self.scaling_updates)
+            batch_update = (beta, alpha, num_examples)
+        direction = precondition_reference(grad.to(self.q_in.dtype), self.q_out, self.q_in, self.scaling,
+                                           self.damping_for(damping), batch_update=batch_update)
+        return direction
+
+    # -- serialisation --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {k: getattr(self, k) for k in self._TENSORS}
+        state.update({k: getattr(self, k) for k in self._COUNTS})
+        state["curvature"] = self.name
+        state["scaling_mode"] = self.scaling_mode
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("curvature") != self.name:
+            raise ValueError(f"state is for curvature {state.get('curvature')!r}, this layer uses {self.name!r}")
+        device, dtype = self.in_factor.device, self.in_factor.dtype
+        for k in self._TENSORS:
+            value = state[k]
+            setattr(self, k, None if value is None else value.to(device=device, dtype=dtype, copy=True))
+        for k in self._COUNTS:
+            setattr(self, k, int(state[k]))

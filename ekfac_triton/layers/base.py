@@ -1,0 +1,95 @@
+"""What every layer adapter provides: the layer's per-position inputs ā and output-gradients ĝ,
+and its gradient as one matrix ``[∇W | ∇b]`` (DESIGN §3, "layer adapters")."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class LayerBatch:
+    """One mini-batch of a layer's curvature statistics, positions kept apart (K-FAC-expand).
+
+    Attributes:
+        a: (N, R, d_in) layer inputs per example n and position s, without the bias column.
+        g: (N, R, d_out) output-gradients ĝ_ns = ∂ℓ_n/∂z_ns of example n's own loss, i.e. N times
+            the gradient of the mean loss that autograd delivers.
+    """
+
+    a: Tensor
+    g: Tensor
+
+    @property
+    def num_examples(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def num_positions(self) -> int:
+        return self.a.shape[1]
+
+
+class LayerAdapter(ABC):
+    """Turns one module's captured tensors into a :class:`LayerBatch` and its gradients into a
+    matrix, and writes a preconditioned matrix back. One subclass per layer kind."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        weight = module.weight
+        bias = getattr(module, "bias", None)
+        self.weight: nn.Parameter = weight
+        # A frozen bias is a constant: it has no gradient and no column in the factors.
+        self.bias: nn.Parameter | None = bias if bias is not None and bias.requires_grad else None
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias is not None
+
+    @property
+    def d_out(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        """Input dimension without the bias column."""
+        return self.weight[0].numel()
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    #: number of dimensions of one example's input (Linear: 1, Conv2d: 3); one more is a batch
+    example_dims: int
+
+    def num_examples(self, input_shape: torch.Size) -> int:
+        """N, the number of examples in a call with inputs of this shape."""
+        return input_shape[0] if len(input_shape) > self.example_dims else 1
+
+    @abstractmethod
+    def batch(self, inputs: Tensor, grad_output: Tensor) -> LayerBatch:
+        """Per-position ā and ĝ from the module's input and the gradient of the mean loss wrt its
+        output."""
+
+    def has_grad(self) -> bool:
+        return self.weight.grad is not None
+
+    def grad_matrix(self) -> Tensor:
+        """``[∇W | ∇b]`` as a (d_out, d_in̄) matrix (a copy only when there is a bias)."""
+        gw = self.weight.grad.reshape(self.d_out, -1)
+        if self.bias is None:
+            return gw
+        gb = self.bias.grad if self.bias.grad is not None else torch.zeros_like(self.bias)
+        return torch.cat([gw, gb.reshape(-1, 1)], dim=1)
+
+    def split(self, matrix: Tensor) -> list[Tensor]:
+        """Split a (d_out, d_in̄) matrix into tensors shaped like the weight (and bias)."""
+        w = matrix[:, : self.d_in].reshape(self.weight.shape)
+        if self.bias is None:
+            return [w]
+        return [w, matrix[:, self.d_in].reshape(self.bias.shape)]
+
+    def describe(self) -> str:
+        return repr(self.module)

@@ -1,0 +1,28 @@
+"""``nn.Linear`` on inputs of any leading shape: (N, d), (B, T, d), ... The first dimension is
+the example, every further leading dimension a shared position (K-FAC-expand)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .base import LayerAdapter, LayerBatch
+
+
+class LinearAdapter(LayerAdapter):
+    """Adapter for ``nn.Linear``."""
+
+    module: nn.Linear
+
+    example_dims = 1
+
+    @staticmethod
+    def unsupported_reason(module: nn.Module) -> str | None:
+        return None
+
+    def batch(self, inputs: Tensor, grad_output: Tensor) -> LayerBatch:
+        if inputs.dim() == 1:  # an unbatched call is one example
+            inputs, grad_output = inputs[None], grad_output[None]
+        n = inputs.shape[0]
+        a = inputs.reshape(n, -1, inputs.shape[-1])
+        g = grad_output.reshape(n, -1, grad_output.shape[-1]) * n
+        return LayerBatch(a=a, g=g)

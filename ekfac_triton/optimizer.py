@@ -1,0 +1,195 @@
+"""``EKFAC``: a ``torch.optim.Optimizer`` over all parameters of a model. Linear and Conv2d layers
+get curvature-preconditioned directions; every other parameter its plain gradient. Then weight
+decay, momentum and the update act on the direction, as SGD does on a gradient (DESIGN §1)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import check_group
+from .kernels import moment_update_reference
+from .preconditioner import PreconditionedLayer, Preconditioner, kl_clip_scale
+
+
+class EKFAC(torch.optim.Optimizer):
+    """EKFAC (George et al. 2018), K-FAC (Martens & Grosse 2015) or TEKFAC (Gao et al. 2020).
+
+    One step: statistics are updated (every ``factor_every`` steps), bases refreshed (every
+    ``eigen_every``), each Linear/Conv2d gradient ``[∇W | ∇b]`` becomes
+    ``Q_G [(Q_Gᵀ ∇W̄ Q_A) / (S + λ)] Q_Aᵀ``, scaled by the KL clip if set; then for every
+    parameter ``u = d + weight_decay·p``, ``m = momentum·m + u``, ``p -= lr·m``. With
+    ``momentum=0, weight_decay=0, factor_decay=0, eigen_every=1`` a step changes the
+    parameters by exactly ``-lr·(F̂ + λI)⁻¹ ∇L``.
+
+    The loss must be a mean over the batch's first dimension: the per-example statistics
+    rescale autograd's gradients by N.
+
+    Args:
+        model: the model; hooks are registered on its supported layers.
+        lr: learning rate (>= 0; per group).
+        damping: λ (> 0; per group).
+        curvature: ``"ekfac"``, ``"kfac"`` or ``"tekfac"``.
+        momentum: heavy-ball momentum on the direction, in [0, 1) (per group).
+        weight_decay: L2 term added to the direction after preconditioning (per group).
+        factor_decay: EMA decay of the factors and scalings, in [0, 1); bias-corrected, so the
+            first update sets a factor to its batch estimate.
+        factor_every: update factors (and per-example scalings) every this many steps.
+        eigen_every: recompute the eigenbases every this many steps.
+        scaling: EKFAC/TEKFAC scaling estimator: ``"per_example"`` (exact diagonal in the
+            eigenbasis), ``"batch"`` (EMA of ``N·(Q_Gᵀ∇W̄Q_A)²``, no per-example work, updated every
+            step) or ``"per_position"`` (positions as examples, an approximation for sequence and
+            conv layers). Ignored by K-FAC.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        kl_clip: None (default) or the KL-clip size: the preconditioned directions are scaled by
+            ``min(1, sqrt(kl_clip / |Σ lr²⟨v, g⟩|))`` (kfac-pytorch's semantics).
+        effective_damping: TEKFAC only: damp each layer with ``max(mean(Θ_l), λ)``.
+        params: optional parameter groups (as for any torch optimizer) over the model's
+            parameters, e.g. for per-group lr, damping or weight decay; a layer's weight and bias
+            must share a group. Default: all parameters of ``model`` in one group.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 0.1, damping: float = 1e-3, curvature: str = "ekfac",
+                 momentum: float = 0.9, weight_decay: float = 0.0, factor_decay: float = 0.95,
+                 factor_every: int = 1, eigen_every: int = 10, scaling: str = "per_example",
+                 backend: str = "auto", kl_clip: float | None = None, effective_damping: bool = False,
+                 params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Invalid model={type(model).__name__}: must be a torch.nn.Module "
+                            "(EKFAC hooks into the model's layers; pass parameter groups as params=...)")
+        defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
+        check_group(defaults)
+        super().__init__(list(model.parameters()) if params is None else params, defaults)
+        self._preconditioner = Preconditioner(model, damping=damping, curvature=curvature, factor_decay=factor_decay,
+                                              factor_every=factor_every, eigen_every=eigen_every, scaling=scaling,
+                                              backend=backend, kl_clip=kl_clip, effective_damping=effective_damping,
+                                              modules=self._modules_in_groups(model))
+
+    def _modules_in_groups(self, model: nn.Module) -> list[nn.Module]:
+        """The model's modules whose weight this optimizer owns; weight and bias in one group."""
+        group_of = {p: i for i, group in enumerate(self.param_groups) for p in group["params"]}
+        owned = []
+        for name, module in model.named_modules():
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, Tensor) or weight not in group_of:
+                continue
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, Tensor) and bias.requires_grad and group_of.get(bias) != group_of[weight]:
+                raise ValueError(f"Invalid params: the weight and bias of module {name!r} must be in the same "
+                                 "parameter group (they are preconditioned together)")
+            owned.append(module)
+        return owned
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        check_group(self.param_groups[-1])
+
+    # -- introspection ----------------------------------------------------------------------------
+    @property
+    def preconditioner(self) -> Preconditioner:
+        """The curvature engine (layers, statistics, counts)."""
+        return self._preconditioner
+
+    def preconditioned_modules(self) -> list[str]:
+        """Names of the modules that get curvature preconditioning."""
+        return self._preconditioner.preconditioned_modules()
+
+    def remove_hooks(self) -> None:
+        """Remove the hooks on the model (the optimizer cannot update statistics afterwards)."""
+        self._preconditioner.remove_hooks()
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()}\n{self._preconditioner!r}"
+
+    # -- the step -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One optimisation step (the closure, if given, re-evaluates the loss with gradients).
+
+        A step whose gradients or captured activations are not finite is skipped: parameters and
+        every state tensor stay as they are (see :meth:`Preconditioner.compute_directions`).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group_of: dict[Tensor, dict[str, Any]] = {p: g for g in self.param_groups for p in g["params"]}
+        grads = [p.grad for p in group_of if p.grad is not None]
+        for g in grads:
+            if g.is_sparse:
+                raise RuntimeError("EKFAC does not support sparse gradients")
+
+        def damping_of(layer: PreconditionedLayer) -> float:
+            return group_of[layer.adapter.weight]["damping"]
+
+        directions = self._preconditioner.compute_directions(damping_of, also_check=grads)
+        if directions is None:
+            return loss
+
+        direction_of: dict[Tensor, Tensor] = {}
+        for layer, matrix in directions:
+            for p, part in zip(layer.adapter.params, layer.adapter.split(matrix)):
+                direction_of[p] = part
+        scale = None
+        kl_clip = self._preconditioner.config.kl_clip
+        if kl_clip is not None:
+            scale = kl_clip_scale(((m, layer.adapter.grad_matrix(), group_of[layer.adapter.weight]["lr"])
+                                   for layer, m in directions), kl_clip)
+
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            buffers = [self._momentum_buffer(p) for p in params] if group["momentum"] != 0 else [None] * len(params)
+            moment_update_reference(
+                params,
+                [direction_of.get(p, p.grad) for p in params],
+                buffers,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                weight_decay=group["weight_decay"],
+                scales=[scale if p in direction_of else None for p in params],
+            )
+        return loss
+
+    def _momentum_buffer(self, p: Tensor) -> Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state["momentum_buffer"]
+
+    # -- serialisation ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state (momentum buffers, groups) plus the curvature state."""
+        state = super().state_dict()
+        state["preconditioner"] = self._preconditioner.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        if "preconditioner" not in state_dict:
+            raise ValueError("Invalid state_dict: it has no 'preconditioner' entry (not saved by EKFAC?)")
+        preconditioner = state_dict.pop("preconditioner")
+        super().load_state_dict(state_dict)
+        self._preconditioner.load_state_dict(preconditioner)
+
+
+class KFAC(EKFAC):
+    """K-FAC: :class:`EKFAC` with ``curvature="kfac"`` (all other arguments as there)."""
+
+    def __init__(self, model: nn.Module, **kwargs: Any) -> None:
+        if kwargs.setdefault("curvature", "kfac") != "kfac":
+            raise ValueError(f"Invalid curvature={kwargs['curvature']!r}: KFAC is curvature='kfac'")
+        super().__init__(model, **kwargs)
+
+
+class TEKFAC(EKFAC):
+    """TEKFAC: :class:`EKFAC` with ``curvature="tekfac"`` (all other arguments as there)."""
+
+    def __init__(self, model: nn.Module, **kwargs: Any) -> None:
+        if kwargs.setdefault("curvature", "tekfac") != "tekfac":
+            raise ValueError(f"Invalid curvature={kwargs['curvature']!r}: TEKFAC is curvature='tekfac'")
+        super().__init__(model, **kwargs)

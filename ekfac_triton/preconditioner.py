@@ -1,0 +1,268 @@
+"""The curvature engine: layer discovery, capture, statistics, eigenbasis refreshes and the
+preconditioned directions. :class:`Preconditioner` is also public, for users who keep their own
+torch optimizer: it rewrites ``.grad`` in place and that optimizer steps."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .backend import resolve_backend
+from .capture import LayerCapture
+from .config import PreconditionerConfig, check_damping, check_lr
+from .curvature import CURVATURES, EigenbasisCurvature, LayerShape
+from .layers import LayerAdapter, LayerBatch, adapter_for
+
+
+@dataclass(eq=False)
+class PreconditionedLayer:
+    """One preconditioned module: its adapter, capture and curvature state."""
+
+    name: str
+    adapter: LayerAdapter
+    capture: LayerCapture
+    curvature: EigenbasisCurvature
+    warned: bool = field(default=False)
+
+
+def _factor_dtype(weight: Tensor) -> torch.dtype:
+    # Statistics of half-precision layers accumulate in float32; float64 models stay float64.
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def kl_clip_scale(terms: Iterable[tuple[Tensor, Tensor, float]], kl_clip: float) -> Tensor | None:
+    """KL-clip factor ``ν = min(1, sqrt(kl_clip / |Σ lr² ⟨v, g⟩|))`` over the preconditioned
+    layers (Ba et al. 2017; kfac-pytorch's semantics), as a 0-dim tensor: no host sync.
+
+    Args:
+        terms: ``(v, g, lr)`` per layer: preconditioned direction, raw gradient, learning rate.
+        kl_clip: the trust-region size.
+    """
+    total = None
+    for v, g, lr in terms:
+        term = (v * g.to(v.dtype)).sum() * (lr * lr)
+        total = term if total is None else total + term
+    if total is None:
+        return None
+    # |total| = 0 gives inf, clamped to 1: no clipping of a zero step.
+    return torch.sqrt(kl_clip / total.abs()).clamp(max=1.0)
+
+
+class Preconditioner:
+    """Kronecker-factored eigenbasis preconditioner for the Linear and Conv2d layers of a model.
+
+    Used on its own, call :meth:`step` after ``loss.backward()``: it replaces each preconditioned
+    layer's ``.grad`` by ``(F̂ + λI)⁻¹ ∇L`` (times the KL-clip factor when ``kl_clip`` is set), and
+    your optimizer then steps (plain SGD on top gives natural-gradient descent)::
+
+        pre = Preconditioner(model, curvature="ekfac", damping=1e-3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        loss.backward(); pre.step(); opt.step(); opt.zero_grad()
+
+    Args:
+        model: the module whose ``nn.Linear`` and ``nn.Conv2d`` (groups=1, zero padding)
+            submodules are preconditioned; hooks are registered on them (:meth:`remove_hooks`).
+        damping: λ added to the scaling, > 0.
+        curvature: ``"ekfac"``, ``"kfac"`` or ``"tekfac"``.
+        factor_decay: EMA decay of factors and scalings, in [0, 1) (bias-corrected).
+        factor_every: update factors (and per-example scalings) every this many steps.
+        eigen_every: recompute the eigenbases every this many steps.
+        scaling: ``"per_example"`` (exact diagonal), ``"batch"`` (from the mini-batch gradient) or
+            ``"per_position"`` (positions as examples: an approximation under weight sharing).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        kl_clip: None, or the KL-clip size; needs ``lr``.
+        lr: learning rate the KL clip assumes (only used with ``kl_clip``).
+        effective_damping: TEKFAC's ``λ_l = max(mean(Θ_l), λ)``.
+        modules: restrict preconditioning to these submodules (default: all supported ones).
+    """
+
+    def __init__(self, model: nn.Module, *, damping: float = 1e-3, curvature: str = "ekfac",
+                 factor_decay: float = 0.95, factor_every: int = 1, eigen_every: int = 10,
+                 scaling: str = "per_example", backend: str = "auto", kl_clip: float | None = None,
+                 lr: float | None = None, effective_damping: bool = False,
+                 modules: Sequence[nn.Module] | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Invalid model={type(model).__name__}: must be a torch.nn.Module")
+        check_damping(damping)
+        self.config = PreconditionerConfig(curvature=curvature, factor_decay=factor_decay, factor_every=factor_every,
+                                           eigen_every=eigen_every, scaling=scaling, backend=backend,
+                                           kl_clip=kl_clip, effective_damping=effective_damping)
+        if kl_clip is not None and lr is not None:
+            check_lr(lr)
+        self.damping = damping
+        self.lr = lr
+        self.steps = 0
+        self.skipped_steps = 0
+        self.layers: list[PreconditionedLayer] = []
+        self.unsupported: dict[str, str] = {}
+        wanted = None if modules is None else {id(m) for m in modules}
+        for name, module in model.named_modules():
+            if wanted is not None and id(module) not in wanted:
+                continue
+            cls, reason = adapter_for(module)
+            if cls is None:
+                continue
+            if reason is not None:
+                self.unsupported[name] = reason
+                continue
+            if not module.weight.requires_grad:
+                self.unsupported[name] = "the weight is frozen (requires_grad=False)"
+                continue
+            adapter = cls(module)
+            shape = LayerShape(d_out=adapter.d_out, d_in=adapter.d_in, bias=adapter.has_bias)
+            kwargs = {"effective_damping": effective_damping} if curvature == "tekfac" else {}
+            curv = CURVATURES[curvature](shape, _factor_dtype(adapter.weight), adapter.weight.device, scaling, **kwargs)
+            self.layers.append(PreconditionedLayer(name or type(module).__name__, adapter, LayerCapture(module), curv))
+        if not self.layers:
+            detail = f" (unsupported: {self.unsupported})" if self.unsupported else ""
+            raise ValueError("Invalid model: it has no supported layer to precondition "
+                             f"(nn.Linear, nn.Conv2d with groups=1){detail}")
+        self.backend = resolve_backend(backend, self.layers[0].adapter.weight.device)
+        for name, reason in self.unsupported.items():
+            warnings.warn(f"ekfac_triton: module {name!r} is not preconditioned: {reason}; it gets the plain update",
+                          stacklevel=2)
+        self._arm_capture()
+
+    # -- introspection ----------------------------------------------------------------------------
+    def preconditioned_modules(self) -> list[str]:
+        """Names of the preconditioned modules, in model order."""
+        return [layer.name for layer in self.layers]
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__}(curvature={self.config.curvature!r}, scaling={self.config.scaling!r}, "
+                 f"backend={self.backend!r}, steps={self.steps}) preconditioning:"]
+        lines += [f"  {layer.name}: {layer.adapter.describe()}" for layer in self.layers]
+        lines += [f"  not preconditioned {name}: {reason}" for name, reason in self.unsupported.items()]
+        return "\n".join(lines)
+
+    def remove_hooks(self) -> None:
+        """Remove every hook this preconditioner registered on the model."""
+        for layer in self.layers:
+            layer.capture.remove()
+
+    # -- the step -----------------------------------------------------------------------------
+    def _arm_capture(self) -> None:
+        """Capture inputs and output-gradients only before steps that update statistics."""
+        enabled = self.steps % self.config.factor_every == 0
+        for layer in self.layers:
+            layer.capture.clear()
+            layer.capture.enabled = enabled
+
+    def _batches(self, active: list[PreconditionedLayer]) -> dict[PreconditionedLayer, LayerBatch]:
+        batches = {}
+        for layer in active:
+            cap = layer.capture
+            if cap.completed == 0:
+                raise RuntimeError(f"ekfac_triton: no input/output-gradient was captured for layer {layer.name!r} "
+                                   "since the last step; run the forward and backward of the batch between steps")
+            if cap.completed > 1:
+                raise RuntimeError(f"ekfac_triton: layer {layer.name!r} ran {cap.completed} times with a backward since "
+                                   "the last step (shared weights or gradient accumulation), which this version does "
+                                   "not model; call step() after each forward/backward")
+            batches[layer] = layer.adapter.batch(cap.inputs, cap.grad_output)
+        return batches
+
+    def _warn(self, layer: PreconditionedLayer, note: str) -> None:
+        if not layer.warned:
+            layer.warned = True
+            warnings.warn(f"ekfac_triton: eigendecomposition of layer {layer.name!r}: {note} "
+                          "(warned once per layer)", RuntimeWarning, stacklevel=3)
+
+    @torch.no_grad()
+    def compute_directions(self, damping_of: Callable[[PreconditionedLayer], float],
+                           also_check: Sequence[Tensor] = ()) -> list[tuple[PreconditionedLayer, Tensor]] | None:
+        """Advance the statistics by one step and return ``(layer, direction matrix)`` for every
+        layer with a gradient; None when the step is skipped.
+
+        Skip policy: if any gradient of a preconditioned layer, any tensor of ``also_check`` or any
+        captured statistic is not finite, nothing changes (factors, bases, scalings, step count),
+        a warning is issued and None is returned. One host sync per step makes that decision.
+
+        Order on a statistics step: factors, then (on eigen steps) the bases, then the scalings
+        in the new basis, then the directions — so with ``factor_decay=0, eigen_every=1`` the
+        direction is exactly ``(F̂ + λI)⁻¹ ∇L`` for this batch's F̂.
+        """
+        cfg = self.config
+        stats_step = self.steps % cfg.factor_every == 0
+        eigen_step = self.steps % cfg.eigen_every == 0
+        active = [layer for layer in self.layers if layer.adapter.has_grad()]
+        grads = {layer: layer.adapter.grad_matrix() for layer in active}
+        batches = self._batches(active) if stats_step else {}
+
+        checks = list(grads.values()) + [t for t in also_check if t is not None]
+        checks += [t for b in batches.values() for t in (b.a, b.g)]
+        if checks and not bool(torch.stack([torch.isfinite(t).all() for t in checks]).all()):
+            self.skipped_steps += 1
+            self._arm_capture()
+            warnings.warn("ekfac_triton: non-finite gradient or activation; step skipped, optimizer state unchanged",
+                          RuntimeWarning, stacklevel=3)
+            return None
+
+        for layer, batch in batches.items():
+            layer.curvature.update_factors(batch, cfg.factor_decay)
+        directions = []
+        for layer in active:
+            curv = layer.curvature
+            if curv.factor_updates == 0:
+                # Never seen a statistics step (unused on all of them so far): no curvature yet.
+                directions.append((layer, grads[layer]))
+                continue
+            if eigen_step or not curv.has_basis:
+                note = curv.refresh_basis()
+                if note:
+                    self._warn(layer, note)
+            if layer in batches:
+                curv.update_scaling(batches[layer], cfg.factor_decay)
+            n = layer.adapter.num_examples(layer.capture.input_shape)
+            directions.append((layer, curv.precondition(grads[layer], damping_of(layer), n, cfg.factor_decay)))
+        self.steps += 1
+        self._arm_capture()
+        return directions
+
+    def step(self) -> bool:
+        """Precondition every layer's ``.grad`` in place; returns False if the step was skipped
+        (non-finite values: the gradients are then left untouched)."""
+        directions = self.compute_directions(lambda layer: self.damping)
+        if directions is None:
+            return False
+        scale = None
+        if self.config.kl_clip is not None:
+            if self.lr is None:
+                raise ValueError("Invalid lr=None: kl_clip needs the learning rate (pass lr=...)")
+            scale = kl_clip_scale(((d, layer.adapter.grad_matrix(), self.lr) for layer, d in directions),
+                                  self.config.kl_clip)
+        with torch.no_grad():
+            for layer, d in directions:
+                if scale is not None:
+                    d = d * scale
+                for p, part in zip(layer.adapter.params, layer.adapter.split(d)):
+                    if p.grad is None:
+                        p.grad = part.to(p.dtype).clone()
+                    else:
+                        p.grad.copy_(part)
+        return True
+
+    # -- serialisation ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Step counts and every layer's curvature state (references, as torch optimizers do)."""
+        return {
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "layers": [{"name": layer.name, **layer.curvature.state_dict()} for layer in self.layers],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict` of a preconditioner of the same model and settings."""
+        names = [entry["name"] for entry in state["layers"]]
+        if names != self.preconditioned_modules():
+            raise ValueError(f"state_dict is for layers {names}, this preconditioner has {self.preconditioned_modules()}")
+        for layer, entry in zip(self.layers, state["layers"]):
+            layer.curvature.load_state_dict(entry)
+        self.steps = int(state["steps"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self._arm_capture()

@@ -38,17 +38,18 @@ class LayerCapture:
     def _forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         if not isinstance(output, Tensor) or not output.requires_grad or _inside_functorch():
             return
-        # The batch size is needed on every step (the ``batch`` scaling); the tensors only when
-        # statistics are due.
-        self.input_shape = args[0].shape
-        if not self.enabled:
-            return
-        inputs = args[0].detach()
+        # The batch shape is needed on every step (the ``batch`` scaling reads N), the tensors only
+        # when statistics are due. Both are taken when the gradient arrives, so a forward that is
+        # never backpropagated (a metric computed with grad enabled) changes nothing.
+        shape = args[0].shape
+        inputs = args[0].detach() if self.enabled else None
 
         def keep_grad(grad: Tensor) -> None:
-            self.inputs = inputs
-            self.grad_output = grad.detach()
-            self.completed += 1
+            self.input_shape = shape
+            if inputs is not None:
+                self.inputs = inputs
+                self.grad_output = grad.detach()
+                self.completed += 1
 
         output.register_hook(keep_grad)
 

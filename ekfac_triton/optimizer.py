@@ -65,8 +65,8 @@ class EKFAC(torch.optim.Optimizer):
         super().__init__(list(model.parameters()) if params is None else params, defaults)
         self._preconditioner = Preconditioner(model, damping=damping, curvature=curvature, factor_decay=factor_decay,
                                               factor_every=factor_every, eigen_every=eigen_every, scaling=scaling,
-                                              backend=backend, kl_clip=kl_clip, effective_damping=effective_damping,
-                                              modules=self._modules_in_groups(model))
+                                              backend=backend, kl_clip=kl_clip, lr=lr,
+                                              effective_damping=effective_damping, modules=self._modules_in_groups(model))
 
     def _modules_in_groups(self, model: nn.Module) -> list[nn.Module]:
         """The model's modules whose weight this optimizer owns; weight and bias in one group."""
@@ -84,8 +84,9 @@ class EKFAC(torch.optim.Optimizer):
         return owned
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Validate before torch adds it, so that a rejected group leaves param_groups unchanged.
+        check_group({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
         super().add_param_group(param_group)
-        check_group(self.param_groups[-1])
 
     # -- introspection ----------------------------------------------------------------------------
     @property

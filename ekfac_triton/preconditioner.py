@@ -76,7 +76,7 @@ class Preconditioner:
             ``"per_position"`` (positions as examples: an approximation under weight sharing).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         kl_clip: None, or the KL-clip size; needs ``lr``.
-        lr: learning rate the KL clip assumes (only used with ``kl_clip``).
+        lr: learning rate the KL clip assumes (required with ``kl_clip``, else unused).
         effective_damping: TEKFAC's ``λ_l = max(mean(Θ_l), λ)``.
         modules: restrict preconditioning to these submodules (default: all supported ones).
     """
@@ -92,7 +92,9 @@ class Preconditioner:
         self.config = PreconditionerConfig(curvature=curvature, factor_decay=factor_decay, factor_every=factor_every,
                                            eigen_every=eigen_every, scaling=scaling, backend=backend,
                                            kl_clip=kl_clip, effective_damping=effective_damping)
-        if kl_clip is not None and lr is not None:
+        if kl_clip is not None:
+            if lr is None:
+                raise ValueError("Invalid lr=None: kl_clip needs the learning rate (pass lr=...)")
             check_lr(lr)
         self.damping = damping
         self.lr = lr
@@ -232,8 +234,6 @@ class Preconditioner:
             return False
         scale = None
         if self.config.kl_clip is not None:
-            if self.lr is None:
-                raise ValueError("Invalid lr=None: kl_clip needs the learning rate (pass lr=...)")
             scale = kl_clip_scale(((d, layer.adapter.grad_matrix(), self.lr) for layer, d in directions),
                                   self.config.kl_clip)
         with torch.no_grad():

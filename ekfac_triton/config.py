@@ -57,6 +57,7 @@ class PreconditionerConfig:
     stagger: bool = True
     synchronous: bool | None = None
     float64_max_dim: int | None = None
+    warm_starts: int = 0
 
     def __post_init__(self) -> None:
         if self.curvature not in CURVATURES:
@@ -75,6 +76,8 @@ class PreconditionerConfig:
             raise ValueError(f"Invalid kl_clip={self.kl_clip!r}: must be None or a number > 0")
         if not isinstance(self.effective_damping, bool):
             raise ValueError(f"Invalid effective_damping={self.effective_damping!r}: must be a bool")
+        if not isinstance(self.warm_starts, int) or isinstance(self.warm_starts, bool) or self.warm_starts < 0:
+            raise ValueError(f"Invalid warm_starts={self.warm_starts!r}: must be an integer >= 0")
         for name in ("stagger",):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Invalid {name}={getattr(self, name)!r}: must be a bool")

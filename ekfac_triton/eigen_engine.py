@@ -10,6 +10,9 @@
   to the lowest slot; deterministic). With ``eigen_every=1`` every layer refreshes every step;
   ``stagger=False`` gives offset 0 to all (every layer on the same steps).
 * **Precision.** :func:`~ekfac_triton.eigen.eigh_dtype`: float64 up to ``float64_max_dim``.
+* **Warm starts** (``warm_starts=k``): after each full eigh, a layer's next k refreshes are one
+  step of subspace iteration from its current basis (:func:`~ekfac_triton.eigen.subspace_iteration`),
+  then a full eigh again.
 * **Off the critical path** (``synchronous=False``): a due refresh snapshots the two factors and
   hands them to one worker thread; the step goes on with the current basis, and the new basis is
   installed at the start of the first step after the worker has finished. On CUDA the worker runs
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .eigen import Eigh, eigh_dtype, symmetric_eigh
+from .eigen import Eigh, eigh_dtype, subspace_iteration, symmetric_eigh
 
 #: float64 eigh is at least as fast as float32 up to about this size on the H100 (DESIGN §4)
 CUDA_FLOAT64_MAX_DIM = 1024
@@ -67,11 +70,15 @@ class EigenEngine:
             True on CPU, False on CUDA.
         float64_max_dim: decompose factors up to this dimension in float64; None picks
             ``CUDA_FLOAT64_MAX_DIM`` on CUDA and 0 elsewhere (on CPU float32 eigh is faster).
+        warm_starts: cheap subspace-iteration refreshes between two full eighs of a layer.
     """
 
     def __init__(self, costs: Sequence[float], device: torch.device, *, period: int, stagger: bool = True,
-                 synchronous: bool | None = None, float64_max_dim: int | None = None) -> None:
+                 synchronous: bool | None = None, float64_max_dim: int | None = None,
+                 warm_starts: int = 0) -> None:
         self.period = period
+        self.warm_starts = warm_starts
+        self._refreshes = [0] * len(costs)
         self.offsets = stagger_offsets(costs, period) if stagger else [0] * len(costs)
         cuda = device.type == "cuda"
         self.synchronous = (not cuda) if synchronous is None else synchronous
@@ -86,16 +93,32 @@ class EigenEngine:
         """Whether layer ``index`` (which has a basis) refreshes it on ``step``."""
         return step >= self.period and step % self.period == self.offsets[index]
 
-    def decompose(self, in_factor: Tensor, out_factor: Tensor) -> Decomposition:
-        """Both factors' eigendecompositions under the precision and failure policies."""
+    def warm_basis(self, index: int, q_in: Tensor | None, q_out: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """Count a refresh of layer ``index``; the bases to warm-start it from, or None when this
+        refresh is a full eigh (every ``warm_starts + 1``-th one, and the first)."""
+        count = self._refreshes[index]
+        self._refreshes[index] += 1
+        if q_in is None or count % (self.warm_starts + 1) == 0:
+            return None
+        return q_in, q_out
+
+    def _one(self, factor: Tensor, previous: Tensor | None) -> tuple[Eigh | None, str | None]:
+        dtype = eigh_dtype(factor.shape[0], factor.dtype, self.float64_max_dim)
+        return symmetric_eigh(factor, dtype) if previous is None else subspace_iteration(factor, previous, dtype)
+
+    def decompose(self, in_factor: Tensor, out_factor: Tensor,
+                  warm: tuple[Tensor, Tensor] | None = None) -> Decomposition:
+        """Both factors' eigendecompositions under the precision and failure policies (one step
+        of subspace iteration from ``warm = (q_in, q_out)`` when given)."""
         self.decompositions += 1
-        new_in, note_in = symmetric_eigh(in_factor, eigh_dtype(in_factor.shape[0], in_factor.dtype, self.float64_max_dim))
-        new_out, note_out = symmetric_eigh(out_factor, eigh_dtype(out_factor.shape[0], out_factor.dtype, self.float64_max_dim))
+        new_in, note_in = self._one(in_factor, None if warm is None else warm[0])
+        new_out, note_out = self._one(out_factor, None if warm is None else warm[1])
         notes = [f"{side} factor: {note}" for side, note in (("input", note_in), ("output", note_out)) if note]
         return Decomposition(new_in, new_out, "; ".join(notes) or None)
 
     # -- asynchronous execution ------------------------------------------------------------------
-    def submit(self, index: int, in_factor: Tensor, out_factor: Tensor) -> None:
+    def submit(self, index: int, in_factor: Tensor, out_factor: Tensor,
+               warm: tuple[Tensor, Tensor] | None = None) -> None:
         """Start layer ``index``'s refresh on the worker from snapshots of its factors (a refresh
         still running for that layer is not duplicated)."""
         if index in self._pending:
@@ -104,21 +127,23 @@ class EigenEngine:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ekfac-eigh")
             if self._cuda:
                 self._stream = torch.cuda.Stream(device=in_factor.device)
-        snap_in, snap_out = in_factor.clone(), out_factor.clone()
+        snaps = [in_factor.clone(), out_factor.clone()] + ([] if warm is None else [w.clone() for w in warm])
         ready = None
         if self._cuda:
             ready = torch.cuda.Event()
             ready.record()
-            snap_in.record_stream(self._stream)
-            snap_out.record_stream(self._stream)
-        self._pending[index] = self._executor.submit(self._work, snap_in, snap_out, ready)
+            for t in snaps:
+                t.record_stream(self._stream)
+        warm_snap = None if warm is None else (snaps[2], snaps[3])
+        self._pending[index] = self._executor.submit(self._work, snaps[0], snaps[1], warm_snap, ready)
 
-    def _work(self, snap_in: Tensor, snap_out: Tensor, ready) -> tuple[Decomposition, object]:
+    def _work(self, snap_in: Tensor, snap_out: Tensor, warm: tuple[Tensor, Tensor] | None,
+              ready) -> tuple[Decomposition, object]:
         if not self._cuda:
-            return self.decompose(snap_in, snap_out), None
+            return self.decompose(snap_in, snap_out, warm), None
         with torch.cuda.stream(self._stream):
             self._stream.wait_event(ready)
-            result = self.decompose(snap_in, snap_out)
+            result = self.decompose(snap_in, snap_out, warm)
             done = torch.cuda.Event()
             done.record(self._stream)
         return result, done

@@ -56,6 +56,9 @@ class EKFAC(torch.optim.Optimizer):
             after it is ready. None (default): True on CPU, False on CUDA.
         float64_max_dim: factors up to this dimension are eigendecomposed in float64; None
             (default): 1024 on CUDA (where float64 eigh is as fast, DESIGN §4), 0 on CPU.
+        warm_starts: after each full eigh, a layer's next ``warm_starts`` refreshes are one step
+            of subspace iteration with QR from its previous basis (SOAP-style, cheaper than eigh),
+            then a full eigh again. 0 (default): every refresh is a full eigh.
         params: optional parameter groups (as for any torch optimizer) over the model's
             parameters, e.g. for per-group lr, damping or weight decay; a layer's weight and bias
             must share a group. Default: all parameters of ``model`` in one group.
@@ -66,7 +69,7 @@ class EKFAC(torch.optim.Optimizer):
                  factor_every: int = 1, eigen_every: int = 10, scaling: str = "per_example",
                  backend: str = "auto", kl_clip: float | None = None, effective_damping: bool = False,
                  stagger: bool = True, synchronous: bool | None = None, float64_max_dim: int | None = None,
-                 params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None) -> None:
+                 warm_starts: int = 0, params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model={type(model).__name__}: must be a torch.nn.Module "
                             "(EKFAC hooks into the model's layers; pass parameter groups as params=...)")
@@ -77,7 +80,8 @@ class EKFAC(torch.optim.Optimizer):
                                               factor_every=factor_every, eigen_every=eigen_every, scaling=scaling,
                                               backend=backend, kl_clip=kl_clip, lr=lr,
                                               effective_damping=effective_damping, stagger=stagger,
-                                              synchronous=synchronous, float64_max_dim=float64_max_dim, modules=self._modules_in_groups(model))
+                                              synchronous=synchronous, float64_max_dim=float64_max_dim,
+                                              warm_starts=warm_starts, modules=self._modules_in_groups(model))
 
     def _modules_in_groups(self, model: nn.Module) -> list[nn.Module]:
         """The model's modules whose weight this optimizer owns; weight and bias in one group."""

@@ -85,6 +85,8 @@ class Preconditioner:
             basis at a later step boundary (False); None: True on CPU, False on CUDA.
         float64_max_dim: eigendecompose factors up to this dimension in float64; None: 1024 on
             CUDA (the H100 crossover), 0 on CPU.
+        warm_starts: after each full eigh, refresh a layer's basis this many times by one step of
+            subspace iteration from the previous basis (cheaper), then a full eigh again.
         modules: restrict preconditioning to these submodules (default: all supported ones).
     """
 
@@ -92,7 +94,7 @@ class Preconditioner:
                  factor_decay: float = 0.95, factor_every: int = 1, eigen_every: int = 10,
                  scaling: str = "per_example", backend: str = "auto", kl_clip: float | None = None,
                  lr: float | None = None, effective_damping: bool = False, stagger: bool = True,
-                 synchronous: bool | None = None, float64_max_dim: int | None = None,
+                 synchronous: bool | None = None, float64_max_dim: int | None = None, warm_starts: int = 0,
                  modules: Sequence[nn.Module] | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model={type(model).__name__}: must be a torch.nn.Module")
@@ -100,7 +102,8 @@ class Preconditioner:
         self.config = PreconditionerConfig(curvature=curvature, factor_decay=factor_decay, factor_every=factor_every,
                                            eigen_every=eigen_every, scaling=scaling, backend=backend,
                                            kl_clip=kl_clip, effective_damping=effective_damping, stagger=stagger,
-                                           synchronous=synchronous, float64_max_dim=float64_max_dim)
+                                           synchronous=synchronous, float64_max_dim=float64_max_dim,
+                                           warm_starts=warm_starts)
         if kl_clip is not None:
             if lr is None:
                 raise ValueError("Invalid lr=None: kl_clip needs the learning rate (pass lr=...)")
@@ -137,7 +140,7 @@ class Preconditioner:
         self.backend = resolve_backend(backend, device)
         costs = [float(layer.curvature.shape.d_in_bar ** 3 + layer.curvature.shape.d_out ** 3) for layer in self.layers]
         self.eigen = EigenEngine(costs, device, period=eigen_every, stagger=stagger, synchronous=synchronous,
-                                 float64_max_dim=float64_max_dim)
+                                 float64_max_dim=float64_max_dim, warm_starts=warm_starts)
         for name, reason in self.unsupported.items():
             warnings.warn(f"ekfac_triton: module {name!r} is not preconditioned: {reason}; it gets the plain update",
                           stacklevel=2)
@@ -239,10 +242,12 @@ class Preconditioner:
                 # Never seen a statistics step (unused on all of them so far): no curvature yet.
                 directions.append((layer, grads[layer]))
                 continue
-            if not curv.has_basis or (self.eigen.due(index, self.steps) and self.eigen.synchronous):
-                self._install(layer, self.eigen.decompose(curv.in_factor, curv.out_factor))
-            elif self.eigen.due(index, self.steps):
-                self.eigen.submit(index, curv.in_factor, curv.out_factor)
+            if not curv.has_basis or self.eigen.due(index, self.steps):
+                warm = self.eigen.warm_basis(index, curv.q_in, curv.q_out)
+                if not curv.has_basis or self.eigen.synchronous:
+                    self._install(layer, self.eigen.decompose(curv.in_factor, curv.out_factor, warm))
+                else:
+                    self.eigen.submit(index, curv.in_factor, curv.out_factor, warm)
             if layer in batches:
                 curv.update_scaling(batches[layer], cfg.factor_decay)
             n = layer.adapter.num_examples(layer.capture.input_shape)

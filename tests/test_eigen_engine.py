@@ -38,11 +38,11 @@ def count_refreshes(monkeypatch, opt: EKFAC) -> list[list[int]]:
     log: list[list[int]] = []
     real = engine.decompose
 
-    def spy(in_factor, out_factor):
+    def spy(in_factor, out_factor, *rest):
         for i, layer in enumerate(opt.preconditioner.layers):
             if layer.curvature.in_factor is in_factor:
                 log[-1].append(i)
-        return real(in_factor, out_factor)
+        return real(in_factor, out_factor, *rest)
 
     monkeypatch.setattr(engine, "decompose", spy)
     return log
@@ -155,12 +155,12 @@ def test_async_steps_never_wait_for_the_worker(monkeypatch):
     timed_out = []
     real = engine.decompose
 
-    def gated(in_factor, out_factor):
+    def gated(in_factor, out_factor, *rest):
         # Held until the main thread has run its steps: a step that waited for the worker would
         # stall here until the timeout, which the test then reports.
         if not gate.wait(timeout=30):
             timed_out.append(True)
-        return real(in_factor, out_factor)
+        return real(in_factor, out_factor, *rest)
 
     monkeypatch.setattr(engine, "decompose", gated)
     bases = [layer.curvature.q_in.clone() for layer in opt.preconditioner.layers]
@@ -217,3 +217,66 @@ def test_scaling_restarts_from_kfac_products_on_basis_change(monkeypatch, scalin
     assert torch.equal(seen["scaling"], seen["products"]) and seen["updates"] == 0
     assert curv.scaling_updates == 1  # then replaced by the first estimate in the new basis
     assert not torch.equal(curv.scaling, seen["products"])
+
+
+# -- warm starts ----------------------------------------------------------------------------------
+def _spd(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3 * n, generator=g, dtype=torch.float64)
+    return x @ x.T / (3 * n) + torch.diag(torch.linspace(0, 2, n, dtype=torch.float64))
+
+
+def test_subspace_iteration_fixed_point_and_convergence():
+    from ekfac_triton.eigen import subspace_iteration
+
+    c = _spd(12, 0)
+    exact = torch.linalg.eigh(c)
+    same, note = subspace_iteration(c, exact.eigenvectors)
+    assert note is None
+    # an exact basis is a fixed point (columns reordered, signs free)
+    torch.testing.assert_close(torch.sort(same.values).values, exact.eigenvalues, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(same.vectors @ torch.diag(same.values) @ same.vectors.T, c, rtol=1e-10, atol=1e-12)
+    # from a perturbed basis, the off-diagonal mass of QᵀCQ shrinks step after step
+    q = torch.linalg.qr(exact.eigenvectors + 0.05 * torch.randn(12, 12, generator=torch.Generator().manual_seed(1),
+                                                                    dtype=torch.float64)).Q
+
+    def off(q: torch.Tensor) -> float:
+        m = q.T @ c @ q
+        return (m - torch.diag(m.diagonal())).norm().item()
+
+    errors = [off(q)]
+    for _ in range(30):
+        q = subspace_iteration(c, q)[0].vectors
+        errors.append(off(q))
+    assert errors[-1] < 1e-2 * errors[0]  # the rate is set by the eigenvalue ratios
+    assert errors[1] < errors[0]
+
+
+def test_warm_starts_alternate_with_full_eighs(monkeypatch):
+    model = model_of([9, 13, 7])
+    opt = EKFAC(model, lr=0.01, eigen_every=1, warm_starts=2)
+    calls = {"eigh": 0, "qr": 0}
+    real_eigh, real_qr = torch.linalg.eigh, torch.linalg.qr
+
+    def eigh(*a, **k):
+        calls["eigh"] += 1
+        return real_eigh(*a, **k)
+
+    def qr(*a, **k):
+        calls["qr"] += 1
+        return real_qr(*a, **k)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    monkeypatch.setattr(torch.linalg, "qr", qr)
+    seen = []
+    for k in range(7):
+        before = dict(calls)
+        step(model, opt, k)
+        seen.append("full" if calls["eigh"] > before["eigh"] else "warm" if calls["qr"] > before["qr"] else "-")
+    assert seen == ["full", "warm", "warm", "full", "warm", "warm", "full"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_bad_warm_starts_raise():
+    with pytest.raises(ValueError, match="warm_starts"):
+        EKFAC(model_of([4, 3]), warm_starts=-1)

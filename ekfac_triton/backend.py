@@ -17,8 +17,8 @@ def triton_usable(device: torch.device) -> bool:
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend for ``backend`` on ``device``.
 
-    ``"auto"`` resolves to ``"torch"`` in this version (the Triton kernels land in a later
-    release); ``"triton"`` raises a clear error wherever it cannot run.
+    ``"auto"`` resolves to ``"triton"`` on a CUDA device with triton importable, else to
+    ``"torch"``; ``"triton"`` raises a clear error wherever it cannot run.
     """
     if backend not in BACKENDS:
         raise ValueError(f"Invalid backend={backend!r}: must be one of {BACKENDS}")
@@ -26,6 +26,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if not triton_usable(device):
             raise ValueError(f"Invalid backend='triton': the model's parameters are on {device}, and Triton "
                              "kernels need a CUDA device with triton installed; use backend='torch' or 'auto'")
-        raise ValueError("Invalid backend='triton': this version ships only the torch backend; "
-                         "use backend='torch' or 'auto'")
+        return "triton"
+    if backend == "auto" and triton_usable(device):
+        return "triton"
     return "torch"

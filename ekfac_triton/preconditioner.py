@@ -123,6 +123,8 @@ class Preconditioner:
             raise ValueError("Invalid model: it has no supported layer to precondition "
                              f"(nn.Linear, nn.Conv2d with groups=1){detail}")
         self.backend = resolve_backend(backend, self.layers[0].adapter.weight.device)
+        for layer in self.layers:
+            layer.curvature.backend = self.backend
         for name, reason in self.unsupported.items():
             warnings.warn(f"ekfac_triton: module {name!r} is not preconditioned: {reason}; it gets the plain update",
                           stacklevel=2)

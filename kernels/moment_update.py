@@ -10,7 +10,9 @@ Buffers start at zero, so the first step gives m = u exactly, as torch.optim.SGD
 
 The Triton kernel updates all tensors of a parameter group in one launch per (param dtype,
 direction dtype) class: a table of raw pointers (p, d, m, ν) and sizes per tensor, and a cached
-block -> tensor map, so each program streams one BLOCK of one tensor. ν is read from its device
+block -> tensor map, so each program streams one BLOCK of one tensor. Parameters and buffers
+must be contiguous (others take the reference); strided directions (a weight's slice of a
+[∇W | ∇b] matrix) are copied contiguous first. ν is read from its device
 tensor inside the kernel (no host sync); η may be a float or a 0-dim device tensor. The
 arithmetic is fp32 whatever the parameters' dtype (the reference rounds bf16/fp16
 intermediates). The kernel writes through the pointer table, which autotune could not restore
@@ -106,7 +108,7 @@ def _moment_update_op(params: list[Tensor], directions: list[Tensor], buffers: l
     lr_arg: float | Tensor = lr if lr_tensor is None else lr_tensor
     classes: dict[tuple, list[int]] = {}
     for i, (p, d, m, nu) in enumerate(zip(params, directions, bufs, scales)):
-        if (p.dtype in _KERNEL_DTYPES and d.dtype in _KERNEL_DTYPES and p.is_contiguous() and d.is_contiguous()
+        if (p.dtype in _KERNEL_DTYPES and d.dtype in _KERNEL_DTYPES and p.is_contiguous()
                 and (m is None or m.is_contiguous()) and p.numel() > 0 and triton_path(p, d, m, nu, lr_tensor)):
             classes.setdefault((p.dtype, d.dtype, p.device), []).append(i)
         elif p.numel() > 0:
@@ -118,12 +120,14 @@ def _moment_update_op(params: list[Tensor], directions: list[Tensor], buffers: l
         rows = []
         owner, first = _block_owner(tuple(params[i].numel() for i in members), cfg["BLOCK"], device)
         for j, i in enumerate(members):
+            d = directions[i].contiguous()  # a weight's slice of a [∇W | ∇b] direction is strided
+            keep.append(d)
             nu = scales[i]
             if nu is not None:
                 nu = nu.to(torch.float32)
                 keep.append(nu)
             m = bufs[i]
-            rows.append([params[i].data_ptr(), directions[i].data_ptr(), 0 if m is None else m.data_ptr(),
+            rows.append([params[i].data_ptr(), d.data_ptr(), 0 if m is None else m.data_ptr(),
                          0 if nu is None else nu.data_ptr(), params[i].numel(), first[j]])
         table = pointer_table(rows, device)
         lr_t = None if lr_tensor is None else lr_tensor.to(device=device, dtype=torch.float32)

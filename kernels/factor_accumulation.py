@@ -188,6 +188,12 @@ def _kernel_path(C: Tensor, X: Tensor, weights: Tensor | None) -> bool:
     return C.dtype == torch.float32 and X.dtype in _KERNEL_DTYPES and triton_path(C, X, weights)
 
 
+def _dot_precision(precision: str, dtype: torch.dtype) -> str:
+    """``precision`` matters for fp32 operands only; 16-bit operands get Triton's default
+    ("tf32"), the path every bf16/fp16 ``tl.dot`` takes."""
+    return precision if dtype == torch.float32 else "tf32"
+
+
 def _row_weights(weights: Tensor | None) -> Tensor | None:
     return None if weights is None else weights.to(torch.float32)
 
@@ -210,7 +216,8 @@ def _factor_update_op(C: Tensor, X: Tensor, weights: Tensor | None, alpha: float
     wrap_triton(_factor_update_kernel)[grid](
         C, C.stride(0), C.stride(1), X, X if w is None else w, geo["d"], geo["d_bar"], geo["ones_col"],
         geo["n_rows"], geo["T"], geo["sxb"], geo["sxt"], geo["sxd"], geo["swb"], geo["swt"],
-        float(alpha), float(beta), HAS_W=w is not None, PRECISION=precision, UPCAST=interpreter_upcast(X.dtype))
+        float(alpha), float(beta), HAS_W=w is not None, PRECISION=_dot_precision(precision, X.dtype),
+        UPCAST=interpreter_upcast(X.dtype))
 
 
 def factor_update(C: Tensor, X: Tensor, *, alpha: float, beta: float, bias: bool, weights: Tensor | None = None,
@@ -263,7 +270,7 @@ def _factor_update_grouped_op(Cs: list[Tensor], Xs: list[Tensor], weights: list[
         meta = pointer_table(rows, device)
         scal = pointer_table(scalars, device, torch.float32)
         _factor_update_grouped_kernel[(total,)](meta, scal, len(rows), Xs[members[0]], HAS_W=has_w,
-                                                PRECISION=precision, UPCAST=interpreter_upcast(Xs[members[0]].dtype),
+                                                PRECISION=_dot_precision(precision, Xs[members[0]].dtype), UPCAST=interpreter_upcast(Xs[members[0]].dtype),
                                                 **cfg)
         del keep  # the fp32 weights stay alive until the launch is queued (stream order does the rest)
 

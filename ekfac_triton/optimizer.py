@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import check_group
-from .kernels import moment_update_reference
+from . import ops
 from .preconditioner import PreconditionedLayer, Preconditioner, kl_clip_scale
 
 
@@ -160,7 +160,7 @@ class EKFAC(torch.optim.Optimizer):
             if not params:
                 continue
             buffers = [self._momentum_buffer(p) for p in params] if group["momentum"] != 0 else [None] * len(params)
-            moment_update_reference(
+            ops.moment_update(
                 params,
                 [direction_of.get(p, p.grad) for p in params],
                 buffers,
@@ -168,6 +168,7 @@ class EKFAC(torch.optim.Optimizer):
                 momentum=group["momentum"],
                 weight_decay=group["weight_decay"],
                 scales=[scale if p in direction_of else None for p in params],
+                backend=self._preconditioner.backend,
             )
         return loss
 

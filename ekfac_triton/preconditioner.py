@@ -138,6 +138,8 @@ class Preconditioner:
                              f"(nn.Linear, nn.Conv2d with groups=1){detail}")
         device = self.layers[0].adapter.weight.device
         self.backend = resolve_backend(backend, device)
+        for layer in self.layers:
+            layer.curvature.backend = self.backend
         costs = [float(layer.curvature.shape.d_in_bar ** 3 + layer.curvature.shape.d_out ** 3) for layer in self.layers]
         self.eigen = EigenEngine(costs, device, period=eigen_every, stagger=stagger, synchronous=synchronous,
                                  float64_max_dim=float64_max_dim, warm_starts=warm_starts)

@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .. import ops
 from ..eigen import Eigh
-from ..kernels import factor_update_reference, per_example_scaling_reference, precondition_reference
 from ..layers import LayerBatch
 
 SCALINGS = ("per_example", "batch", "per_position")
@@ -67,6 +67,9 @@ class EigenbasisCurvature(ABC):
     #: whether S is estimated (EKFAC, TEKFAC) rather than derived from the eigenvalues (K-FAC)
     estimates_scaling: ClassVar[bool] = True
 
+    #: "torch" or "triton" (see :mod:`ekfac_triton.ops`); the preconditioner sets the resolved one
+    backend: str = "torch"
+
     _TENSORS = ("in_factor", "out_factor", "in_eigenvalues", "out_eigenvalues", "q_in", "q_out", "scaling")
     _COUNTS = ("factor_updates", "scaling_updates")
 
@@ -97,9 +100,10 @@ class EigenbasisCurvature(ABC):
         beta, alpha = ema_weights(decay, self.factor_updates)
         n, r = batch.num_examples, batch.num_positions
         w_in, w_out = self._factor_weights(batch)
-        factor_update_reference(self.in_factor, batch.a, alpha=alpha / (n * r), beta=beta,
-                                bias=self.shape.bias, weights=w_in)
-        factor_update_reference(self.out_factor, batch.g, alpha=alpha / n, beta=beta, bias=False, weights=w_out)
+        ops.factor_update(self.in_factor, batch.a, alpha=alpha / (n * r), beta=beta,
+                          bias=self.shape.bias, weights=w_in, backend=self.backend)
+        ops.factor_update(self.out_factor, batch.g, alpha=alpha / n, beta=beta, bias=False, weights=w_out,
+                          backend=self.backend)
 
     # -- eigenbasis -----------------------------------------------------------------------------
     @property
@@ -144,8 +148,8 @@ class EigenbasisCurvature(ABC):
         g, a = batch.g, batch.a
         if self.scaling_mode == "per_position":  # positions as examples: an approximation
             g, a = g.reshape(-1, 1, g.shape[-1]), a.reshape(-1, 1, a.shape[-1])
-        per_example_scaling_reference(self.scaling, g, a, self.q_out, self.q_in, alpha=alpha / n, beta=beta,
-                                      bias=self.shape.bias)
+        ops.per_example_scaling(self.scaling, g, a, self.q_out, self.q_in, alpha=alpha / n, beta=beta,
+                                bias=self.shape.bias, backend=self.backend)
 
     def damping_for(self, damping: float) -> float | Tensor:
         """The damping actually added to S (TEKFAC's effective damping overrides this)."""
@@ -161,8 +165,8 @@ class EigenbasisCurvature(ABC):
             self.scaling_updates += 1
             beta, alpha = ema_weights(decay, self.scaling_updates)
             batch_update = (beta, alpha, num_examples)
-        direction = precondition_reference(grad.to(self.q_in.dtype), self.q_out, self.q_in, self.scaling,
-                                           self.damping_for(damping), batch_update=batch_update)
+        direction = ops.precondition(grad.to(self.q_in.dtype), self.q_out, self.q_in, self.scaling,
+                                     self.damping_for(damping), batch_update=batch_update, backend=self.backend)
         return direction
 
     # -- serialisation --------------------------------------------------------------------------

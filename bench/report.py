@@ -6,8 +6,9 @@ Definitions used by the summary:
 * **train loss**: the experiment's loss on a fixed subset of training data, evaluated without
   gradients at evaluation points (excluded from the clock); "final" is the last evaluation.
 * **wall-clock**: the sum of the timed steps (forward, backward and optimizer step; on CUDA the
-  device is synchronised before and after each step). Batch preparation and evaluation are not
-  counted.
+  training stream is synchronised before and after each step — not the whole device, so the
+  optimizer's side-stream eigendecompositions overlap as in real training). Batch preparation and
+  evaluation are not counted.
 * **time to reach AdamW's final loss**: the wall-clock at the first evaluation whose train loss is
   at or below the final train loss of the (selected) AdamW run; "not reached" otherwise.
 * **step time / SGD**: over steps 2..n (step 1 carries one-time costs: allocator warm-up, the
@@ -247,7 +248,7 @@ def markdown_summary(experiment: str, runs: Sequence[Run], env: dict[str, Any], 
              f"- train loss: {loss_name} on {description.get('train_loss')}; test metric: "
              f"{test_metric_name}, {description.get('test_metric')}",
              f"- limit per run: {limit}; wall-clock counts the timed steps only (forward, backward, optimizer "
-             "step; CUDA synchronised around each); step times over steps 2..n; worst / SGD = worst step / SGD's "
+             "step; on CUDA the training stream is synchronised around each); step times over steps 2..n; worst / SGD = worst step / SGD's "
              "median step", ""]
     sgd_ran = any(r["optimizer"] == "sgd" for r in rows)
     adamw_note = f"{target:.4g}" if target is not None else "no AdamW run"

@@ -89,15 +89,21 @@ def make_optimizer(name: str, model: torch.nn.Module, hparams: dict[str, Any]) -
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for queued device work, so host timers measure it."""
+    """Wait for the work queued on the training (current) stream, so host timers measure it.
+
+    Only the current stream, not the whole device: the optimizer's asynchronous eigendecompositions
+    run on a side stream, off the critical path, and a device-wide ``torch.cuda.synchronize`` would
+    charge them to the step that happens to be running (a real training loop never waits for them).
+    """
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 def train_run(task: Task, name: str, hparams: dict[str, Any], config: Config, *, progress: bool = True) -> Run:
     """Train a fresh, seeded model with one optimizer until the budget or the step cap.
 
-    Each step (batch already prepared) is timed from a synchronised start to a synchronised end;
+    Each step (batch already prepared) is timed from a synchronised start to a synchronised end
+    (:func:`synchronize`: the training stream);
     evaluations (train loss on the fixed subset, the test metric) run between steps, off the clock,
     at step 0, every ``budget/eval_points`` seconds of training time (without a budget: every
     ``steps/eval_points`` steps), and at the end.

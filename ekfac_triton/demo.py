@@ -110,11 +110,13 @@ def quick_config(config: DemoConfig) -> DemoConfig:
 
 
 # -- model and data -----------------------------------------------------------------------------
-def autoencoder(activation: type[nn.Module] = nn.Sigmoid) -> nn.Sequential:
+def autoencoder(activation: type[nn.Module] = nn.Sigmoid,
+                encoder_widths: Sequence[int] = ENCODER_WIDTHS) -> nn.Sequential:
     """Hinton & Salakhutdinov's deep autoencoder: 784-1000-500-250-30-250-500-1000-784, the
-    given activation after every hidden layer, a linear code layer, logits at the output."""
-    widths = list(ENCODER_WIDTHS) + list(reversed(ENCODER_WIDTHS[:-1]))
-    code = len(ENCODER_WIDTHS) - 2          # index of the layer that produces the code
+    given activation after every hidden layer, a linear code layer, logits at the output.
+    ``encoder_widths`` (input first, code last) gives smaller variants (the benchmark's smoke runs)."""
+    widths = list(encoder_widths) + list(reversed(encoder_widths[:-1]))
+    code = len(encoder_widths) - 2          # index of the layer that produces the code
     layers: list[nn.Module] = []
     for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
         layers.append(nn.Linear(d_in, d_out))

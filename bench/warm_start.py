@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -40,11 +41,14 @@ def ekfac_error(a: torch.Tensor, g: torch.Tensor, q_in: torch.Tensor, q_out: tor
 
 
 def time_of(fn, repeat: int = 5) -> float:
+    """Median wall time of ``repeat`` calls (after one warm-up call)."""
     fn()
-    start = time.perf_counter()
+    times = []
     for _ in range(repeat):
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / repeat
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> dict:

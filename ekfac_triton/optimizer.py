@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .config import check_group
 from . import ops
+from .distributed import unwrap_model
 from .preconditioner import PreconditionedLayer, Preconditioner, kl_clip_scale
 
 
@@ -62,6 +63,12 @@ class EKFAC(torch.optim.Optimizer):
         params: optional parameter groups (as for any torch optimizer) over the model's
             parameters, e.g. for per-group lr, damping or weight decay; a layer's weight and bias
             must share a group. Default: all parameters of ``model`` in one group.
+        process_group: data-parallel training (:mod:`ekfac_triton.distributed`). None (default):
+            not distributed, unless ``model`` is wrapped in ``DistributedDataParallel`` (pass the
+            wrapper), whose process group is then used; a ``torch.distributed`` process group:
+            statistics averaged over its ranks (gradients must already be averaged, by DDP or
+            :func:`ekfac_triton.distributed.average_gradients`), eigendecompositions split among
+            them, the state identical on every rank.
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.1, damping: float = 1e-3, curvature: str = "ekfac",
@@ -69,7 +76,8 @@ class EKFAC(torch.optim.Optimizer):
                  factor_every: int = 1, eigen_every: int = 10, scaling: str = "per_example",
                  backend: str = "auto", kl_clip: float | None = None, effective_damping: bool = False,
                  stagger: bool = True, synchronous: bool | None = None, float64_max_dim: int | None = None,
-                 warm_starts: int = 0, params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None) -> None:
+                 warm_starts: int = 0, params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
+                 process_group: object | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model={type(model).__name__}: must be a torch.nn.Module "
                             "(EKFAC hooks into the model's layers; pass parameter groups as params=...)")
@@ -81,13 +89,14 @@ class EKFAC(torch.optim.Optimizer):
                                               backend=backend, kl_clip=kl_clip, lr=lr,
                                               effective_damping=effective_damping, stagger=stagger,
                                               synchronous=synchronous, float64_max_dim=float64_max_dim,
-                                              warm_starts=warm_starts, modules=self._modules_in_groups(model))
+                                              warm_starts=warm_starts, modules=self._modules_in_groups(model),
+                                              process_group=process_group)
 
     def _modules_in_groups(self, model: nn.Module) -> list[nn.Module]:
         """The model's modules whose weight this optimizer owns; weight and bias in one group."""
         group_of = {p: i for i, group in enumerate(self.param_groups) for p in group["params"]}
         owned = []
-        for name, module in model.named_modules():
+        for name, module in unwrap_model(model).named_modules():
             weight = getattr(module, "weight", None)
             if not isinstance(weight, Tensor) or weight not in group_of:
                 continue

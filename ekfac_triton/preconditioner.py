@@ -16,6 +16,7 @@ from .backend import resolve_backend
 from .capture import LayerCapture
 from .config import PreconditionerConfig, check_damping, check_lr
 from .curvature import CURVATURES, EigenbasisCurvature, LayerShape
+from .distributed import DataParallel, resolve_process_group, unwrap_model
 from .eigen_engine import Decomposition, EigenEngine
 from .layers import LayerAdapter, LayerBatch, adapter_for
 
@@ -88,6 +89,10 @@ class Preconditioner:
         warm_starts: after each full eigh, refresh a layer's basis this many times by one step of
             subspace iteration from the previous basis (cheaper), then a full eigh again.
         modules: restrict preconditioning to these submodules (default: all supported ones).
+        process_group: data-parallel training (:mod:`ekfac_triton.distributed`): None (default)
+            is not distributed unless ``model`` is wrapped in DistributedDataParallel (then DDP's
+            group); a ``torch.distributed`` process group averages the statistics over its ranks
+            and splits the eigendecompositions among them. ``model`` may be the DDP wrapper.
     """
 
     def __init__(self, model: nn.Module, *, damping: float = 1e-3, curvature: str = "ekfac",
@@ -95,9 +100,11 @@ class Preconditioner:
                  scaling: str = "per_example", backend: str = "auto", kl_clip: float | None = None,
                  lr: float | None = None, effective_damping: bool = False, stagger: bool = True,
                  synchronous: bool | None = None, float64_max_dim: int | None = None, warm_starts: int = 0,
-                 modules: Sequence[nn.Module] | None = None) -> None:
+                 modules: Sequence[nn.Module] | None = None, process_group: object | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model={type(model).__name__}: must be a torch.nn.Module")
+        group = resolve_process_group(model, process_group)
+        model = unwrap_model(model)
         check_damping(damping)
         self.config = PreconditionerConfig(curvature=curvature, factor_decay=factor_decay, factor_every=factor_every,
                                            eigen_every=eigen_every, scaling=scaling, backend=backend,
@@ -137,12 +144,15 @@ class Preconditioner:
             raise ValueError("Invalid model: it has no supported layer to precondition "
                              f"(nn.Linear, nn.Conv2d with groups=1){detail}")
         device = self.layers[0].adapter.weight.device
+        self.device = device
         self.backend = resolve_backend(backend, device)
         for layer in self.layers:
             layer.curvature.backend = self.backend
         costs = [float(layer.curvature.shape.d_in_bar ** 3 + layer.curvature.shape.d_out ** 3) for layer in self.layers]
         self.eigen = EigenEngine(costs, device, period=eigen_every, stagger=stagger, synchronous=synchronous,
                                  float64_max_dim=float64_max_dim, warm_starts=warm_starts)
+        #: the collectives when distributed (None: a single process, no collective at all)
+        self.distributed = None if group is None else DataParallel(group, costs, device)
         for name, reason in self.unsupported.items():
             warnings.warn(f"ekfac_triton: module {name!r} is not preconditioned: {reason}; it gets the plain update",
                           stacklevel=2)
@@ -215,26 +225,49 @@ class Preconditioner:
         the worker); scalings are updated in the current basis; then the directions — so with
         ``factor_decay=0, eigen_every=1`` (synchronous) the direction is exactly
         ``(F̂ + λI)⁻¹ ∇L`` for this batch's F̂.
+
+        Distributed (:mod:`ekfac_triton.distributed`): the skip decision is taken by all ranks
+        together, factors and per-example scalings are averaged over the ranks after their update,
+        and each due refresh runs on one rank and is broadcast.
         """
         cfg = self.config
+        dp = self.distributed
         stats_step = self.steps % cfg.factor_every == 0
         active = [layer for layer in self.layers if layer.adapter.has_grad()]
         grads = {layer: layer.adapter.grad_matrix() for layer in active}
         batches = self._batches(active) if stats_step else {}
+        examples = [layer.adapter.num_examples(layer.capture.input_shape) if layer in grads else 0
+                    for layer in self.layers]
 
         checks = list(grads.values()) + [t for t in also_check if t is not None]
         checks += [t for b in batches.values() for t in (b.a, b.g)]
-        if checks and not bool(torch.stack([torch.isfinite(t).all() for t in checks]).all()):
+        finite = torch.stack([torch.isfinite(t).all() for t in checks]).all() if checks else torch.tensor(True)
+        if dp is not None:  # every rank skips if any rank saw a non-finite value
+            agreement = dp.agree(finite.to(self.device), examples)
+            finite, examples = agreement.finite, agreement.examples
+        if not bool(finite):
             self.skipped_steps += 1
             self._arm_capture()
             warnings.warn("ekfac_triton: non-finite gradient or activation; step skipped, optimizer state unchanged",
                           RuntimeWarning, stacklevel=3)
             return None
 
-        for index, result in self.eigen.collect().items():
+        for index, result in self._finished_refreshes().items():
             self._install(self.layers[index], result)
         for layer, batch in batches.items():
             layer.curvature.update_factors(batch, cfg.factor_decay)
+        # Distributed: weights N_rank / N make the averaged EMA that of the estimate over all ranks
+        weight = {layer: batches[layer].num_examples / examples[i] for i, layer in enumerate(self.layers)
+                  if layer in batches} if dp is not None else {}
+        if dp is not None:
+            self._average(dp, [(weight[layer], (layer.curvature.in_factor, layer.curvature.out_factor))
+                               for layer in batches])
+        self._refresh_due_bases(grads)
+        for layer, batch in batches.items():
+            layer.curvature.update_scaling(batch, cfg.factor_decay)
+        if dp is not None:
+            self._average(dp, [(weight[layer], (layer.curvature.scaling,)) for layer in batches
+                               if layer.curvature.estimates_scaling and cfg.scaling != "batch"])
         directions = []
         for index, layer in enumerate(self.layers):
             if layer not in grads:
@@ -244,19 +277,61 @@ class Preconditioner:
                 # Never seen a statistics step (unused on all of them so far): no curvature yet.
                 directions.append((layer, grads[layer]))
                 continue
-            if not curv.has_basis or self.eigen.due(index, self.steps):
-                warm = self.eigen.warm_basis(index, curv.q_in, curv.q_out)
-                if not curv.has_basis or self.eigen.synchronous:
-                    self._install(layer, self.eigen.decompose(curv.in_factor, curv.out_factor, warm))
-                else:
-                    self.eigen.submit(index, curv.in_factor, curv.out_factor, warm)
-            if layer in batches:
-                curv.update_scaling(batches[layer], cfg.factor_decay)
-            n = layer.adapter.num_examples(layer.capture.input_shape)
-            directions.append((layer, curv.precondition(grads[layer], damping_of(layer), n, cfg.factor_decay)))
+            # ``batch`` scaling: N of the (averaged) gradient, over all ranks when distributed
+            directions.append((layer, curv.precondition(grads[layer], damping_of(layer), examples[index],
+                                                        cfg.factor_decay)))
         self.steps += 1
         self._arm_capture()
         return directions
+
+    @staticmethod
+    def _average(dp: DataParallel, tensors: list[tuple[float, tuple[Tensor, ...]]]) -> None:
+        """Average ``(weight, statistics)`` of the layers over the ranks (one collective per dtype)."""
+        dp.average([t for _, ts in tensors for t in ts], [w for w, ts in tensors for _ in ts])
+
+    def _finished_refreshes(self) -> dict[int, Decomposition]:
+        """Asynchronous refreshes to install now: whatever the worker has finished; when
+        distributed, those submitted on the last step (waited for, then broadcast by their owners)."""
+        dp = self.distributed
+        if dp is None:
+            return self.eigen.collect()
+        if not dp.in_flight:
+            return {}
+        self.eigen.wait()
+        results = self.eigen.collect()
+        factors = {i: (self.layers[i].curvature.in_factor, self.layers[i].curvature.out_factor) for i in dp.in_flight}
+        shared = dp.share(dp.in_flight, results, factors)
+        dp.in_flight = {}
+        return shared
+
+    def _refresh_due_bases(self, grads: dict[PreconditionedLayer, Tensor]) -> None:
+        """Refresh the bases due on this step (a layer's first one always synchronously). When
+        distributed, each due layer is decomposed by one rank only and its basis broadcast."""
+        dp = self.distributed
+        due = [index for index, layer in enumerate(self.layers)
+               if layer in grads and layer.curvature.factor_updates > 0
+               and (not layer.curvature.has_basis or self.eigen.due(index, self.steps))]
+        owners = dp.owners(due) if dp is not None else {}
+        results: dict[int, Decomposition] = {}
+        shared_now: dict[int, int] = {}  # synchronous refreshes to broadcast: layer -> owner
+        for index in due:
+            curv = self.layers[index].curvature
+            warm = self.eigen.warm_basis(index, curv.q_in, curv.q_out)  # on every rank: same counters
+            synchronous = not curv.has_basis or self.eigen.synchronous
+            if dp is not None:
+                (shared_now if synchronous else dp.in_flight)[index] = owners[index]
+                if owners[index] != dp.rank:
+                    continue
+            if synchronous:
+                results[index] = self.eigen.decompose(curv.in_factor, curv.out_factor, warm)
+            else:
+                self.eigen.submit(index, curv.in_factor, curv.out_factor, warm)
+        if shared_now:
+            factors = {i: (self.layers[i].curvature.in_factor, self.layers[i].curvature.out_factor)
+                       for i in shared_now}
+            results = dp.share(shared_now, results, factors)
+        for index, result in results.items():
+            self._install(self.layers[index], result)
 
     def step(self) -> bool:
         """Precondition every layer's ``.grad`` in place; returns False if the step was skipped
@@ -295,6 +370,8 @@ class Preconditioner:
         if names != self.preconditioned_modules():
             raise ValueError(f"state_dict is for layers {names}, this preconditioner has {self.preconditioned_modules()}")
         self.eigen.cancel()  # refreshes in flight belong to the state being replaced
+        if self.distributed is not None:
+            self.distributed.in_flight = {}
         for layer, entry in zip(self.layers, state["layers"]):
             layer.curvature.load_state_dict(entry)
         self.steps = int(state["steps"])

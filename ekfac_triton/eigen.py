@@ -75,7 +75,7 @@ def subspace_iteration(matrix: Tensor, previous: Tensor, compute_dtype: torch.dt
 
     The previous columns are ordered by descending Rayleigh quotient (so that the QR keeps the
     dominant directions first), ``Q <- qr(C Q)``, and the Rayleigh quotients ``diag(QᵀCQ)`` are
-    the eigenvalue estimates. Costs two GEMMs and one QR instead of an eigh; converges to the
+    the eigenvalue estimates. Costs two products with C and one QR instead of an eigh; converges to the
     eigenbasis when repeated on a fixed C. Falls back to :func:`symmetric_eigh` if the QR fails.
     """
     if not torch.isfinite(matrix).all():
@@ -83,9 +83,10 @@ def subspace_iteration(matrix: Tensor, previous: Tensor, compute_dtype: torch.dt
     dtype = compute_dtype or matrix.dtype
     c, q = matrix.to(dtype), previous.to(dtype)
     try:
-        estimates = (q * (c @ q)).sum(0)
-        q = q[:, torch.argsort(estimates, descending=True)]
-        q, _ = torch.linalg.qr(c @ q)
+        cq = c @ q
+        # Reordering the columns of Q reorders those of CQ: one product serves both.
+        cq = cq[:, torch.argsort((q * cq).sum(0), descending=True)]
+        q, _ = torch.linalg.qr(cq)
         result = Eigh((q * (c @ q)).sum(0).to(matrix.dtype), q.to(matrix.dtype))
         if _finite(result):
             return result, None

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .backend import resolve_backend
 from .capture import LayerCapture
 from .config import PreconditionerConfig, check_damping, check_lr
-from .curvature import CURVATURES, EigenbasisCurvature, LayerShape
+from .curvature import CURVATURES, Curvature, LayerShape
 from .eigen_engine import Decomposition, EigenEngine
 from .layers import LayerAdapter, LayerBatch, adapter_for
 
@@ -27,7 +27,7 @@ class PreconditionedLayer:
     name: str
     adapter: LayerAdapter
     capture: LayerCapture
-    curvature: EigenbasisCurvature
+    curvature: Curvature
     warned: bool = field(default=False)
 
 
@@ -69,10 +69,13 @@ class Preconditioner:
         model: the module whose ``nn.Linear`` and ``nn.Conv2d`` (groups=1, zero padding)
             submodules are preconditioned; hooks are registered on them (:meth:`remove_hooks`).
         damping: λ added to the scaling, > 0.
-        curvature: ``"ekfac"``, ``"kfac"`` or ``"tekfac"``.
+        curvature: ``"ekfac"``, ``"kfac"``, ``"tekfac"`` or ``"mac"`` (see
+            :mod:`ekfac_triton.curvature.mac`: there ``damping`` is ρ and the direction is
+            ``∇W̄ · ρ(m̂m̂ᵀ + ρI)⁻¹``).
         factor_decay: EMA decay of factors and scalings, in [0, 1) (bias-corrected).
         factor_every: update factors (and per-example scalings) every this many steps.
-        eigen_every: recompute each layer's eigenbasis every this many steps.
+        eigen_every: recompute each layer's eigenbasis every this many steps (MAC: the refresh
+            period of its mean snapshot, on the steps that are multiples of it).
         scaling: ``"per_example"`` (exact diagonal), ``"batch"`` (from the mini-batch gradient) or
             ``"per_position"`` (positions as examples: an approximation under weight sharing).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
@@ -118,7 +121,7 @@ class Preconditioner:
         for name, module in model.named_modules():
             if wanted is not None and id(module) not in wanted:
                 continue
-            cls, reason = adapter_for(module)
+            cls, reason = adapter_for(module, inputs_only=CURVATURES[curvature].inputs_only)
             if cls is None:
                 continue
             if reason is not None:
@@ -140,7 +143,7 @@ class Preconditioner:
         self.backend = resolve_backend(backend, device)
         for layer in self.layers:
             layer.curvature.backend = self.backend
-        costs = [float(layer.curvature.shape.d_in_bar ** 3 + layer.curvature.shape.d_out ** 3) for layer in self.layers]
+        costs = [layer.curvature.refresh_cost() for layer in self.layers]
         self.eigen = EigenEngine(costs, device, period=eigen_every, stagger=stagger, synchronous=synchronous,
                                  float64_max_dim=float64_max_dim, warm_starts=warm_starts)
         for name, reason in self.unsupported.items():
@@ -186,13 +189,14 @@ class Preconditioner:
                 raise RuntimeError(f"ekfac_triton: layer {layer.name!r} ran {cap.completed} times with a backward since "
                                    "the last step (shared weights or gradient accumulation), which this version does "
                                    "not model; call step() after each forward/backward")
-            batches[layer] = layer.adapter.batch(cap.inputs, cap.grad_output)
+            grad_output = None if layer.curvature.inputs_only else cap.grad_output
+            batches[layer] = layer.adapter.batch(cap.inputs, grad_output)
         return batches
 
     def _install(self, layer: PreconditionedLayer, result: Decomposition) -> None:
-        installed = layer.curvature.install_basis(result.new_in, result.new_out)
-        if result.note:
-            self._warn(layer, result.note + ("" if installed else "; keeping the previous basis"))
+        note = layer.curvature.install(result)
+        if note:
+            self._warn(layer, note)
 
     def _warn(self, layer: PreconditionedLayer, note: str) -> None:
         if not layer.warned:
@@ -202,9 +206,13 @@ class Preconditioner:
 
     @torch.no_grad()
     def compute_directions(self, damping_of: Callable[[PreconditionedLayer], float],
-                           also_check: Sequence[Tensor] = ()) -> list[tuple[PreconditionedLayer, Tensor]] | None:
+                           also_check: Sequence[Tensor] = (),
+                           fused: Callable[[PreconditionedLayer], bool] | None = None,
+                           ) -> list[tuple[PreconditionedLayer, Tensor | None]] | None:
         """Advance the statistics by one step and return ``(layer, direction matrix)`` for every
-        layer with a gradient; None when the step is skipped.
+        layer with a gradient; None when the step is skipped. Layers for which ``fused`` says
+        True (after their statistics and refresh) get None: the caller applies their curvature
+        inside its own update (MAC's fused kernel).
 
         Skip policy: if any gradient of a preconditioned layer, any tensor of ``also_check`` or any
         captured statistic is not finite, nothing changes (factors, bases, scalings, step count),
@@ -223,7 +231,7 @@ class Preconditioner:
         batches = self._batches(active) if stats_step else {}
 
         checks = list(grads.values()) + [t for t in also_check if t is not None]
-        checks += [t for b in batches.values() for t in (b.a, b.g)]
+        checks += [t for b in batches.values() for t in (b.a, b.g) if t is not None]
         if checks and not bool(torch.stack([torch.isfinite(t).all() for t in checks]).all()):
             self.skipped_steps += 1
             self._arm_capture()
@@ -234,24 +242,25 @@ class Preconditioner:
         for index, result in self.eigen.collect().items():
             self._install(self.layers[index], result)
         for layer, batch in batches.items():
-            layer.curvature.update_factors(batch, cfg.factor_decay)
+            layer.curvature.update_statistics(batch, cfg.factor_decay)
         directions = []
         for index, layer in enumerate(self.layers):
             if layer not in grads:
                 continue
             curv = layer.curvature
-            if curv.factor_updates == 0:
+            if not curv.has_statistics:
                 # Never seen a statistics step (unused on all of them so far): no curvature yet.
                 directions.append((layer, grads[layer]))
                 continue
-            if not curv.has_basis or self.eigen.due(index, self.steps):
-                warm = self.eigen.warm_basis(index, curv.q_in, curv.q_out)
-                if not curv.has_basis or self.eigen.synchronous:
-                    self._install(layer, self.eigen.decompose(curv.in_factor, curv.out_factor, warm))
-                else:
-                    self.eigen.submit(index, curv.in_factor, curv.out_factor, warm)
+            if curv.refresh_due(self.eigen, index, self.steps):
+                note = curv.refresh(self.eigen, index)
+                if note:
+                    self._warn(layer, note)
             if layer in batches:
-                curv.update_scaling(batches[layer], cfg.factor_decay)
+                curv.after_refresh(batches[layer], cfg.factor_decay)
+            if fused is not None and fused(layer):
+                directions.append((layer, None))
+                continue
             n = layer.adapter.num_examples(layer.capture.input_shape)
             directions.append((layer, curv.precondition(grads[layer], damping_of(layer), n, cfg.factor_decay)))
         self.steps += 1

@@ -109,6 +109,11 @@ def _mac_update_kernel(w_ptr, gw_ptr, mw_ptr, b_ptr, gb_ptr, mb_ptr, mean_ptr, s
 def _mac_update_op(weight: Tensor, weight_grad: Tensor, weight_buffer: Tensor | None, bias: Tensor | None,
                    bias_grad: Tensor | None, bias_buffer: Tensor | None, mean: Tensor, sq_norm: Tensor,
                    damping: float, lr: float, momentum: float, weight_decay: float, decoupled: bool) -> None:
+    if not _kernel_ok(weight, weight_grad, weight_buffer, bias, bias_grad, bias_buffer, mean, sq_norm):
+        mac_update_reference(weight, weight_grad, weight_buffer, bias, bias_grad, bias_buffer, mean, sq_norm,
+                             damping=damping, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                             decoupled=decoupled)
+        return
     d_out = weight.shape[0]
     d_in = weight[0].numel()
     has_bias = bias is not None
@@ -142,11 +147,6 @@ def mac_update(weight: Tensor, weight_grad: Tensor, weight_buffer: Tensor | None
     interpreter; contiguous fp32/bf16/fp16 tensors), the reference otherwise."""
     _check(weight, weight_grad, weight_buffer, bias, bias_grad, bias_buffer, mean, momentum)
     if weight.numel() == 0:
-        return
-    if not _kernel_ok(weight, weight_grad, weight_buffer, bias, bias_grad, bias_buffer, mean, sq_norm):
-        mac_update_reference(weight, weight_grad, weight_buffer, bias, bias_grad, bias_buffer, mean, sq_norm,
-                             damping=damping, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                             decoupled=decoupled)
         return
     torch.ops.ekfac_triton.mac_update(weight, weight_grad, weight_buffer if momentum != 0.0 else None, bias,
                                       bias_grad, bias_buffer if momentum != 0.0 else None, mean, sq_norm,

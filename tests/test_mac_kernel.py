@@ -51,7 +51,7 @@ def _check(shape, bias, momentum, weight_decay, decoupled, dtype, atol, rtol, de
     b = torch.randn(d_out, device=device).to(dtype) if bias else None
     gb = torch.randn(d_out, device=device).to(dtype) if bias else None
     mb = torch.randn(d_out, device=device).to(dtype) if bias else None
-    mean = torch.randn(d_in + int(bias), device=device)
+    mean = torch.randn(d_in + int(bias), device=device).to(torch.float64 if dtype == torch.float64 else torch.float32)
     sq = mean.dot(mean)
     kw = dict(damping=0.7, lr=0.3, momentum=momentum, weight_decay=weight_decay, decoupled=decoupled)
     ref = [t if t is None else t.clone() for t in (w, mw, b, mb)]

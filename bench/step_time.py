@@ -170,6 +170,9 @@ def configurations(total_steps_bound: int) -> list[Config]:
                                dict(base, curvature="ekfac", eigen_every=every, stagger=stagger), every))
     cfgs.append(Config(NO_REFRESH, "ekfac", dict(base, curvature="ekfac", eigen_every=total_steps_bound, stagger=True)))
     cfgs.append(Config("kfac-e10-stagger", "ekfac", dict(base, curvature="kfac", eigen_every=10, stagger=True), 10))
+    # MAC with the official periods (statistics every 5 steps, refresh every 50) and ρ = 1
+    cfgs.append(Config("mac-s5-e50", "ekfac", dict(lr=0.01, damping=1.0, momentum=0.9, curvature="mac",
+                                                   factor_every=5, eigen_every=50), 50))
     return cfgs
 
 

@@ -1,12 +1,13 @@
-"""ekfac_triton: EKFAC, K-FAC and TEKFAC second-order optimizers for PyTorch.
+"""ekfac_triton: EKFAC, K-FAC, TEKFAC and MAC second-order optimizers for PyTorch.
 
     from ekfac_triton import EKFAC
     opt = EKFAC(model, lr=0.1, damping=1e-3)
     loss.backward(); opt.step(); opt.zero_grad()
 """
 
+from .mac import MAC
 from .optimizer import EKFAC, KFAC, TEKFAC
 from .preconditioner import Preconditioner
 
 __version__ = "0.1.0"
-__all__ = ["EKFAC", "KFAC", "TEKFAC", "Preconditioner", "__version__"]
+__all__ = ["EKFAC", "KFAC", "TEKFAC", "MAC", "Preconditioner", "__version__"]

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import EKFAC
+from . import EKFAC, MAC
 from .data import load_mnist
 
 # -- hyperparameters ----------------------------------------------------------------------------
@@ -63,10 +63,14 @@ HPARAMS: dict[str, dict[str, Any]] = {
                  factor_every=1, eigen_every=20, kl_clip=1e-2),
     "tekfac": dict(lr=0.3, damping=1e-2, momentum=0.9, weight_decay=0.0, factor_decay=0.95,
                    factor_every=1, eigen_every=20, kl_clip=1e-2),    # untuned: EKFAC's values
+    # MAC: the official defaults except weight decay (none for this task, as for the others);
+    # untuned here.
+    "mac": dict(lr=0.1, damping=1.0, momentum=0.9, weight_decay=0.0, factor_decay=0.95, factor_every=5,
+                eigen_every=50),
     "adamw": dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8),
     "sgd": dict(lr=0.05, momentum=0.9, weight_decay=0.0),
 }
-LABELS = {"ekfac": "EKFAC", "kfac": "K-FAC", "tekfac": "TEKFAC", "adamw": "AdamW", "sgd": "SGD"}
+LABELS = {"ekfac": "EKFAC", "kfac": "K-FAC", "tekfac": "TEKFAC", "mac": "MAC", "adamw": "AdamW", "sgd": "SGD"}
 DEFAULT_OPTIMIZERS = "ekfac,kfac,adamw"
 
 ENCODER_WIDTHS = (784, 1000, 500, 250, 30)
@@ -175,9 +179,11 @@ def batches(n: int, batch_size: int, seed: int):
 
 # -- optimizers ---------------------------------------------------------------------------------
 def make_optimizer(name: str, model: nn.Module, hparams: dict[str, Any]) -> torch.optim.Optimizer:
-    """One of ``ekfac``, ``kfac``, ``tekfac`` (this library), ``adamw``, ``sgd`` (torch)."""
+    """One of ``ekfac``, ``kfac``, ``tekfac``, ``mac`` (this library), ``adamw``, ``sgd`` (torch)."""
     if name in ("ekfac", "kfac", "tekfac"):
         return EKFAC(model, curvature=name, **hparams)
+    if name == "mac":
+        return MAC(model, **hparams)
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), **hparams)
     if name == "sgd":

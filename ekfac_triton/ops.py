@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import kernels
 
-__all__ = ["factor_update", "precondition", "per_example_scaling", "moment_update"]
+__all__ = ["factor_update", "precondition", "per_example_scaling", "moment_update", "mac_update"]
 
 
 def factor_update(C: Tensor, X: Tensor, *, alpha: float, beta: float, bias: bool, weights: Tensor | None = None,
@@ -44,3 +44,13 @@ def moment_update(params: Sequence[Tensor], directions: Sequence[Tensor], buffer
     """Weight decay, momentum, KL-clip scale and the update (:mod:`ekfac_triton.kernels.moment_update`)."""
     fn = kernels.moment_update if backend == "triton" else kernels.moment_update_reference
     fn(params, directions, buffers, lr=lr, momentum=momentum, weight_decay=weight_decay, scales=scales)
+
+
+def mac_update(weight: Tensor, weight_grad: Tensor, weight_buffer: Tensor | None, bias: Tensor | None,
+               bias_grad: Tensor | None, bias_buffer: Tensor | None, mean: Tensor, sq_norm: Tensor, *,
+               damping: float, lr: float, momentum: float, weight_decay: float, decoupled: bool,
+               backend: str) -> None:
+    """MAC's preconditioning fused with the moment update (:mod:`ekfac_triton.kernels.mac_update`)."""
+    fn = kernels.mac_update if backend == "triton" else kernels.mac_update_reference
+    fn(weight, weight_grad, weight_buffer, bias, bias_grad, bias_buffer, mean, sq_norm, damping=damping, lr=lr,
+       momentum=momentum, weight_decay=weight_decay, decoupled=decoupled)

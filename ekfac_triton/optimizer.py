@@ -69,6 +69,9 @@ class EKFAC(torch.optim.Optimizer):
             statistics averaged over its ranks (gradients must already be averaged, by DDP or
             :func:`ekfac_triton.distributed.average_gradients`), eigendecompositions split among
             them, the state identical on every rank.
+        decoupled_weight_decay: False (default): ``u = d + weight_decay·p`` (L2, as above);
+            True: ``u = d`` and ``p <- p·(1 − lr·weight_decay)`` before ``p -= lr·m``
+            (Loshchilov & Hutter; MAC's ImageNet/GPT recipes).
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.1, damping: float = 1e-3, curvature: str = "ekfac",
@@ -77,10 +80,13 @@ class EKFAC(torch.optim.Optimizer):
                  backend: str = "auto", kl_clip: float | None = None, effective_damping: bool = False,
                  stagger: bool = True, synchronous: bool | None = None, float64_max_dim: int | None = None,
                  warm_starts: int = 0, params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
-                 process_group: object | None = None) -> None:
+                 process_group: object | None = None, decoupled_weight_decay: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model={type(model).__name__}: must be a torch.nn.Module "
                             "(EKFAC hooks into the model's layers; pass parameter groups as params=...)")
+        if not isinstance(decoupled_weight_decay, bool):
+            raise ValueError(f"Invalid decoupled_weight_decay={decoupled_weight_decay!r}: must be a bool")
+        self.decoupled_weight_decay = decoupled_weight_decay
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         check_group(defaults)
         super().__init__(list(model.parameters()) if params is None else params, defaults)
@@ -150,12 +156,19 @@ class EKFAC(torch.optim.Optimizer):
         def damping_of(layer: PreconditionedLayer) -> float:
             return group_of[layer.adapter.weight]["damping"]
 
-        directions = self._preconditioner.compute_directions(damping_of, also_check=grads)
+        pre = self._preconditioner
+        fuse = pre.backend == "triton" and pre.config.kl_clip is None
+        directions = pre.compute_directions(damping_of, also_check=grads,
+                                            fused=self._fusable if fuse else None)
         if directions is None:
             return loss
 
         direction_of: dict[Tensor, Tensor] = {}
+        fused_layers = [layer for layer, matrix in directions if matrix is None]
+        fused_params = {p for layer in fused_layers for p in layer.adapter.params}
         for layer, matrix in directions:
+            if matrix is None:
+                continue
             for p, part in zip(layer.adapter.params, layer.adapter.split(matrix)):
                 direction_of[p] = part
         scale = None
@@ -165,21 +178,46 @@ class EKFAC(torch.optim.Optimizer):
                                    for layer, m in directions), kl_clip)
 
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if p.grad is not None and p not in fused_params]
             if not params:
                 continue
             buffers = [self._momentum_buffer(p) for p in params] if group["momentum"] != 0 else [None] * len(params)
+            weight_decay = group["weight_decay"]
+            if self.decoupled_weight_decay and weight_decay != 0:
+                torch._foreach_mul_(params, 1.0 - group["lr"] * weight_decay)
+                weight_decay = 0.0
             ops.moment_update(
                 params,
                 [direction_of.get(p, p.grad) for p in params],
                 buffers,
                 lr=group["lr"],
                 momentum=group["momentum"],
-                weight_decay=group["weight_decay"],
+                weight_decay=weight_decay,
                 scales=[scale if p in direction_of else None for p in params],
                 backend=self._preconditioner.backend,
             )
+        for layer in fused_layers:
+            self._fused_update(layer, group_of[layer.adapter.weight])
         return loss
+
+    @staticmethod
+    def _fusable(layer: PreconditionedLayer) -> bool:
+        return bool(getattr(layer.curvature, "fusable", False))
+
+    def _fused_update(self, layer: PreconditionedLayer, group: dict[str, Any]) -> None:
+        """MAC's preconditioning, weight decay, momentum and update in one kernel per layer."""
+        a, curv = layer.adapter, layer.curvature
+        has_m = group["momentum"] != 0
+        bias, bias_grad, mean = a.bias, None, curv.mean
+        if bias is not None and bias.grad is None:  # as unfused: a bias without gradient stays
+            bias, mean = None, mean[: a.d_in]
+        elif bias is not None:
+            bias_grad = bias.grad
+        ops.mac_update(a.weight, a.weight.grad, self._momentum_buffer(a.weight) if has_m else None,
+                       bias, bias_grad, self._momentum_buffer(bias) if has_m and bias is not None else None,
+                       mean, curv.sq_norm, damping=group["damping"], lr=group["lr"],
+                       momentum=group["momentum"], weight_decay=group["weight_decay"],
+                       decoupled=self.decoupled_weight_decay, backend=self._preconditioner.backend)
 
     def _momentum_buffer(self, p: Tensor) -> Tensor:
         state = self.state[p]

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .backend import resolve_backend
 from .capture import LayerCapture
 from .config import PreconditionerConfig, check_damping, check_lr
-from .curvature import CURVATURES, EigenbasisCurvature, LayerShape
+from .curvature import CURVATURES, Curvature, EigenbasisCurvature, LayerShape
 from .distributed import DataParallel, resolve_process_group, unwrap_model
 from .eigen_engine import Decomposition, EigenEngine
 from .layers import LayerAdapter, LayerBatch, adapter_for
@@ -28,7 +28,7 @@ class PreconditionedLayer:
     name: str
     adapter: LayerAdapter
     capture: LayerCapture
-    curvature: EigenbasisCurvature
+    curvature: Curvature
     warned: bool = field(default=False)
 
 
@@ -70,10 +70,13 @@ class Preconditioner:
         model: the module whose ``nn.Linear`` and ``nn.Conv2d`` (groups=1, zero padding)
             submodules are preconditioned; hooks are registered on them (:meth:`remove_hooks`).
         damping: λ added to the scaling, > 0.
-        curvature: ``"ekfac"``, ``"kfac"`` or ``"tekfac"``.
+        curvature: ``"ekfac"``, ``"kfac"``, ``"tekfac"`` or ``"mac"`` (see
+            :mod:`ekfac_triton.curvature.mac`: there ``damping`` is ρ and the direction is
+            ``∇W̄ · ρ(m̂m̂ᵀ + ρI)⁻¹``).
         factor_decay: EMA decay of factors and scalings, in [0, 1) (bias-corrected).
         factor_every: update factors (and per-example scalings) every this many steps.
-        eigen_every: recompute each layer's eigenbasis every this many steps.
+        eigen_every: recompute each layer's eigenbasis every this many steps (MAC: the refresh
+            period of its mean snapshot, on the steps that are multiples of it).
         scaling: ``"per_example"`` (exact diagonal), ``"batch"`` (from the mini-batch gradient) or
             ``"per_position"`` (positions as examples: an approximation under weight sharing).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
@@ -125,7 +128,7 @@ class Preconditioner:
         for name, module in model.named_modules():
             if wanted is not None and id(module) not in wanted:
                 continue
-            cls, reason = adapter_for(module)
+            cls, reason = adapter_for(module, inputs_only=CURVATURES[curvature].inputs_only)
             if cls is None:
                 continue
             if reason is not None:
@@ -148,7 +151,7 @@ class Preconditioner:
         self.backend = resolve_backend(backend, device)
         for layer in self.layers:
             layer.curvature.backend = self.backend
-        costs = [float(layer.curvature.shape.d_in_bar ** 3 + layer.curvature.shape.d_out ** 3) for layer in self.layers]
+        costs = [layer.curvature.refresh_cost() for layer in self.layers]
         self.eigen = EigenEngine(costs, device, period=eigen_every, stagger=stagger, synchronous=synchronous,
                                  float64_max_dim=float64_max_dim, warm_starts=warm_starts)
         #: the collectives when distributed (None: a single process, no collective at all)
@@ -196,13 +199,14 @@ class Preconditioner:
                 raise RuntimeError(f"ekfac_triton: layer {layer.name!r} ran {cap.completed} times with a backward since "
                                    "the last step (shared weights or gradient accumulation), which this version does "
                                    "not model; call step() after each forward/backward")
-            batches[layer] = layer.adapter.batch(cap.inputs, cap.grad_output)
+            grad_output = None if layer.curvature.inputs_only else cap.grad_output
+            batches[layer] = layer.adapter.batch(cap.inputs, grad_output)
         return batches
 
     def _install(self, layer: PreconditionedLayer, result: Decomposition) -> None:
-        installed = layer.curvature.install_basis(result.new_in, result.new_out)
-        if result.note:
-            self._warn(layer, result.note + ("" if installed else "; keeping the previous basis"))
+        note = layer.curvature.install(result)
+        if note:
+            self._warn(layer, note)
 
     def _warn(self, layer: PreconditionedLayer, note: str) -> None:
         if not layer.warned:
@@ -212,9 +216,13 @@ class Preconditioner:
 
     @torch.no_grad()
     def compute_directions(self, damping_of: Callable[[PreconditionedLayer], float],
-                           also_check: Sequence[Tensor] = ()) -> list[tuple[PreconditionedLayer, Tensor]] | None:
+                           also_check: Sequence[Tensor] = (),
+                           fused: Callable[[PreconditionedLayer], bool] | None = None,
+                           ) -> list[tuple[PreconditionedLayer, Tensor | None]] | None:
         """Advance the statistics by one step and return ``(layer, direction matrix)`` for every
-        layer with a gradient; None when the step is skipped.
+        layer with a gradient; None when the step is skipped. Layers for which ``fused`` says
+        True (after their statistics and refresh) get None: the caller applies their curvature
+        inside its own update (MAC's fused kernel).
 
         Skip policy: if any gradient of a preconditioned layer, any tensor of ``also_check`` or any
         captured statistic is not finite, nothing changes (factors, bases, scalings, step count),
@@ -240,7 +248,7 @@ class Preconditioner:
                     for layer in self.layers]
 
         checks = list(grads.values()) + [t for t in also_check if t is not None]
-        checks += [t for b in batches.values() for t in (b.a, b.g)]
+        checks += [t for b in batches.values() for t in (b.a, b.g) if t is not None]
         finite = torch.stack([torch.isfinite(t).all() for t in checks]).all() if checks else torch.tensor(True)
         if dp is not None:  # every rank skips if any rank saw a non-finite value
             agreement = dp.agree(finite.to(self.device), examples)
@@ -255,27 +263,28 @@ class Preconditioner:
         for index, result in self._finished_refreshes().items():
             self._install(self.layers[index], result)
         for layer, batch in batches.items():
-            layer.curvature.update_factors(batch, cfg.factor_decay)
+            layer.curvature.update_statistics(batch, cfg.factor_decay)
         # Distributed: weights N_rank / N make the averaged EMA that of the estimate over all ranks
         weight = {layer: batches[layer].num_examples / examples[i] for i, layer in enumerate(self.layers)
                   if layer in batches} if dp is not None else {}
         if dp is not None:
-            self._average(dp, [(weight[layer], (layer.curvature.in_factor, layer.curvature.out_factor))
-                               for layer in batches])
-        self._refresh_due_bases(grads)
+            self._average(dp, [(weight[layer], layer.curvature.statistics()) for layer in batches])
+        self._refresh_due(grads)
         for layer, batch in batches.items():
-            layer.curvature.update_scaling(batch, cfg.factor_decay)
+            layer.curvature.after_refresh(batch, cfg.factor_decay)
         if dp is not None:
-            self._average(dp, [(weight[layer], (layer.curvature.scaling,)) for layer in batches
-                               if layer.curvature.estimates_scaling and cfg.scaling != "batch"])
+            self._average(dp, [(weight[layer], layer.curvature.refreshed_statistics()) for layer in batches])
         directions = []
         for index, layer in enumerate(self.layers):
             if layer not in grads:
                 continue
             curv = layer.curvature
-            if curv.factor_updates == 0:
+            if not curv.has_statistics:
                 # Never seen a statistics step (unused on all of them so far): no curvature yet.
                 directions.append((layer, grads[layer]))
+                continue
+            if fused is not None and fused(layer):
+                directions.append((layer, None))
                 continue
             # ``batch`` scaling: N of the (averaged) gradient, over all ranks when distributed
             directions.append((layer, curv.precondition(grads[layer], damping_of(layer), examples[index],
@@ -304,24 +313,32 @@ class Preconditioner:
         dp.in_flight = {}
         return shared
 
-    def _refresh_due_bases(self, grads: dict[PreconditionedLayer, Tensor]) -> None:
-        """Refresh the bases due on this step (a layer's first one always synchronously). When
-        distributed, each due layer is decomposed by one rank only and its basis broadcast."""
+    def _refresh_due(self, grads: dict[PreconditionedLayer, Tensor]) -> None:
+        """Refresh what is due on this step (a layer's first eigenbasis always synchronously).
+        When distributed, each due eigendecomposition runs on one rank only and its basis is
+        broadcast; other refreshes (MAC's snapshot of its mean) are cheap and run on every rank."""
         dp = self.distributed
         due = [index for index, layer in enumerate(self.layers)
-               if layer in grads and layer.curvature.factor_updates > 0
-               and (not layer.curvature.has_basis or self.eigen.due(index, self.steps))]
-        owners = dp.owners(due) if dp is not None else {}
+               if layer in grads and layer.curvature.has_statistics
+               and layer.curvature.refresh_due(self.eigen, index, self.steps)]
+        split = [i for i in due if dp is not None and isinstance(self.layers[i].curvature, EigenbasisCurvature)]
+        for index in due:
+            if index not in split:
+                note = self.layers[index].curvature.refresh(self.eigen, index)
+                if note:
+                    self._warn(self.layers[index], note)
+        if not split:
+            return
+        owners = dp.owners(split)
         results: dict[int, Decomposition] = {}
         shared_now: dict[int, int] = {}  # synchronous refreshes to broadcast: layer -> owner
-        for index in due:
+        for index in split:
             curv = self.layers[index].curvature
             warm = self.eigen.warm_basis(index, curv.q_in, curv.q_out)  # on every rank: same counters
             synchronous = not curv.has_basis or self.eigen.synchronous
-            if dp is not None:
-                (shared_now if synchronous else dp.in_flight)[index] = owners[index]
-                if owners[index] != dp.rank:
-                    continue
+            (shared_now if synchronous else dp.in_flight)[index] = owners[index]
+            if owners[index] != dp.rank:
+                continue
             if synchronous:
                 results[index] = self.eigen.decompose(curv.in_factor, curv.out_factor, warm)
             else:

@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["sgd", "adamw", "ekfac-e10-stagger", "ekfac-e10-all-at-once", "ekfac-e100-stagger",
-           "ekfac-e100-all-at-once", "ekfac-no-refresh", "kfac-e10-stagger"]
+           "ekfac-e100-all-at-once", "ekfac-no-refresh", "kfac-e10-stagger", "mac-s5-e50"]
 
 
 def test_step_time_quick_smoke(tmp_path: Path) -> None:

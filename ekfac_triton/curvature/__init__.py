@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from .base import SCALINGS, EigenbasisCurvature, LayerShape, ema_weights
+from .base import SCALINGS, Curvature, EigenbasisCurvature, LayerShape, ema_weights
 from .ekfac import EKFACCurvature
 from .kfac import KFACCurvature
+from .mac import MACCurvature
 from .tekfac import TEKFACCurvature
 
-CURVATURES: dict[str, type[EigenbasisCurvature]] = {
+CURVATURES: dict[str, type[Curvature]] = {
     "ekfac": EKFACCurvature,
     "kfac": KFACCurvature,
     "tekfac": TEKFACCurvature,
+    "mac": MACCurvature,
 }
 
-__all__ = ["CURVATURES", "SCALINGS", "EigenbasisCurvature", "LayerShape", "ema_weights",
-           "EKFACCurvature", "KFACCurvature", "TEKFACCurvature"]
+__all__ = ["CURVATURES", "SCALINGS", "Curvature", "EigenbasisCurvature", "LayerShape", "ema_weights",
+           "EKFACCurvature", "KFACCurvature", "MACCurvature", "TEKFACCurvature"]

@@ -1,4 +1,5 @@
-"""The shared machinery of curvatures that precondition in a Kronecker-factored eigenbasis.
+"""What the engine asks of every curvature (:class:`Curvature`), and the shared machinery of
+the curvatures that precondition in a Kronecker-factored eigenbasis (:class:`EigenbasisCurvature`).
 
 A curvature owns, per layer, an input-side factor (A, or TEKFAC's Φ) and an output-side factor
 (G, or Ψ) kept as bias-corrected EMAs, their eigenbases, and the scaling S that divides the
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -22,6 +23,9 @@ from torch import Tensor
 from .. import ops
 from ..eigen import Eigh
 from ..layers import LayerBatch
+
+if TYPE_CHECKING:
+    from ..eigen_engine import Decomposition, EigenEngine
 
 SCALINGS = ("per_example", "batch", "per_position")
 
@@ -54,7 +58,76 @@ class LayerShape:
         return self.d_in + int(self.bias)
 
 
-class EigenbasisCurvature(ABC):
+class Curvature(ABC):
+    """The seam between the engine (:class:`~ekfac_triton.Preconditioner`) and one method's
+    per-layer state. On each step the engine calls, per layer:
+
+    1. :meth:`update_statistics` on statistics steps (every ``factor_every``);
+    2. :meth:`refresh` when :meth:`refresh_due` says so (every ``eigen_every``: the eigenbases of
+       the Kronecker curvatures; MAC's snapshot of its mean);
+    3. :meth:`after_refresh` on statistics steps (what is measured in the refreshed state, e.g.
+       EKFAC's scaling in the new basis);
+    4. :meth:`precondition` on the layer's ``[∇W | ∇b]`` matrix.
+
+    Args:
+        shape: the layer's dimensions.
+        dtype, device: where the statistics live (float32 or float64).
+    """
+
+    name: ClassVar[str]
+    #: "torch" or "triton" (see :mod:`ekfac_triton.ops`); the preconditioner sets the resolved one
+    backend: str = "torch"
+    #: whether the statistics read only the layer inputs (then layer kinds whose output-gradients
+    #: do not factor, such as depthwise convolutions, can be supported)
+    inputs_only: ClassVar[bool] = False
+
+    shape: LayerShape
+
+    @property
+    @abstractmethod
+    def has_statistics(self) -> bool:
+        """Whether a statistics step has been seen (before that the gradient passes unchanged)."""
+
+    @abstractmethod
+    def update_statistics(self, batch: LayerBatch, decay: float) -> None:
+        """EMA update of the statistics from one batch (bias-corrected)."""
+
+    def refresh_cost(self) -> float:
+        """Estimated cost of one :meth:`refresh`, for the engine's staggered schedule."""
+        return 0.0
+
+    @abstractmethod
+    def statistics(self) -> tuple[Tensor, ...]:
+        """The tensors :meth:`update_statistics` updates: data-parallel training averages them
+        over the ranks after each update (:mod:`ekfac_triton.distributed`)."""
+
+    def refreshed_statistics(self) -> tuple[Tensor, ...]:
+        """The tensors :meth:`after_refresh` updates (averaged over the ranks likewise)."""
+        return ()
+
+    def refresh_due(self, engine: EigenEngine, index: int, step: int) -> bool:
+        """Whether layer ``index`` refreshes on ``step`` (``engine`` owns the schedule)."""
+        return engine.due(index, step)
+
+    @abstractmethod
+    def refresh(self, engine: EigenEngine, index: int) -> str | None:
+        """Refresh the state the preconditioner applies; returns a note to warn about, if any."""
+
+    def after_refresh(self, batch: LayerBatch, decay: float) -> None:
+        """Statistics measured in the refreshed state (default: none)."""
+
+    @abstractmethod
+    def precondition(self, grad: Tensor, damping: float, num_examples: int, decay: float) -> Tensor:
+        """The preconditioned direction of the (d_out, d_in̄) gradient matrix."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class EigenbasisCurvature(Curvature):
     """Per-layer state and maths of a Kronecker-eigenbasis preconditioner.
 
     Args:
@@ -63,12 +136,8 @@ class EigenbasisCurvature(ABC):
         scaling: estimator of S for the curvatures that estimate it (see ``SCALINGS``).
     """
 
-    name: ClassVar[str]
     #: whether S is estimated (EKFAC, TEKFAC) rather than derived from the eigenvalues (K-FAC)
     estimates_scaling: ClassVar[bool] = True
-
-    #: "torch" or "triton" (see :mod:`ekfac_triton.ops`); the preconditioner sets the resolved one
-    backend: str = "torch"
 
     _TENSORS = ("in_factor", "out_factor", "in_eigenvalues", "out_eigenvalues", "q_in", "q_out", "scaling")
     _COUNTS = ("factor_updates", "scaling_updates")
@@ -105,10 +174,46 @@ class EigenbasisCurvature(ABC):
         ops.factor_update(self.out_factor, batch.g, alpha=alpha / n, beta=beta, bias=False, weights=w_out,
                           backend=self.backend)
 
+    @property
+    def has_statistics(self) -> bool:
+        return self.factor_updates > 0
+
+    def update_statistics(self, batch: LayerBatch, decay: float) -> None:
+        self.update_factors(batch, decay)
+
+    def statistics(self) -> tuple[Tensor, ...]:
+        return self.in_factor, self.out_factor
+
+    def refreshed_statistics(self) -> tuple[Tensor, ...]:
+        # the per-example / per-position scalings; the ``batch`` one comes from the averaged gradient
+        return (self.scaling,) if self.estimates_scaling and self.scaling_mode != "batch" else ()
+
     # -- eigenbasis -----------------------------------------------------------------------------
     @property
     def has_basis(self) -> bool:
         return self.q_in is not None
+
+    def refresh_cost(self) -> float:
+        return float(self.shape.d_in_bar ** 3 + self.shape.d_out ** 3)
+
+    def refresh_due(self, engine: EigenEngine, index: int, step: int) -> bool:
+        return not self.has_basis or engine.due(index, step)
+
+    def refresh(self, engine: EigenEngine, index: int) -> str | None:
+        """Eigendecompose the factors now (the first basis, or a synchronous engine) or hand them
+        to the engine's worker (installed later through :meth:`install`)."""
+        warm = engine.warm_basis(index, self.q_in, self.q_out)
+        if not self.has_basis or engine.synchronous:
+            return self.install(engine.decompose(self.in_factor, self.out_factor, warm))
+        engine.submit(index, self.in_factor, self.out_factor, warm)
+        return None
+
+    def install(self, result: Decomposition) -> str | None:
+        """Install a finished decomposition; returns its failure note, if any."""
+        installed = self.install_basis(result.new_in, result.new_out)
+        if not result.note:
+            return None
+        return result.note + ("" if installed else "; keeping the previous basis")
 
     def install_basis(self, new_in: Eigh | None, new_out: Eigh | None) -> bool:
         """Install freshly computed eigendecompositions of the factors (None: that one failed).
@@ -150,6 +255,9 @@ class EigenbasisCurvature(ABC):
             g, a = g.reshape(-1, 1, g.shape[-1]), a.reshape(-1, 1, a.shape[-1])
         ops.per_example_scaling(self.scaling, g, a, self.q_out, self.q_in, alpha=alpha / n, beta=beta,
                                 bias=self.shape.bias, backend=self.backend)
+
+    def after_refresh(self, batch: LayerBatch, decay: float) -> None:
+        self.update_scaling(batch, decay)
 
     def damping_for(self, damping: float) -> float | Tensor:
         """The damping actually added to S (TEKFAC's effective damping overrides this)."""

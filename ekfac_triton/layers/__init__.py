@@ -14,13 +14,14 @@ ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {
 }
 
 
-def adapter_for(module: nn.Module) -> tuple[type[LayerAdapter] | None, str | None]:
+def adapter_for(module: nn.Module, inputs_only: bool = False) -> tuple[type[LayerAdapter] | None, str | None]:
     """The adapter class for ``module`` (exact type match) and, when the kind is known but this
-    configuration is not supported, the reason."""
+    configuration is not supported, the reason. ``inputs_only``: the curvature reads only the
+    layer inputs (MAC), which some configurations (depthwise convolutions) support alone."""
     cls = ADAPTERS.get(type(module))
     if cls is None:
         return None, None
-    return cls, cls.unsupported_reason(module)
+    return cls, cls.unsupported_reason(module, inputs_only)
 
 
 __all__ = ["ADAPTERS", "LayerAdapter", "LayerBatch", "LinearAdapter", "Conv2dAdapter", "adapter_for"]

@@ -17,11 +17,13 @@ class LayerBatch:
     Attributes:
         a: (N, R, d_in) layer inputs per example n and position s, without the bias column.
         g: (N, R, d_out) output-gradients ĝ_ns = ∂ℓ_n/∂z_ns of example n's own loss, i.e. N times
-            the gradient of the mean loss that autograd delivers.
+            the gradient of the mean loss that autograd delivers; None where the layer's
+            output-gradients do not factor with its inputs (depthwise convolutions, which only
+            curvatures reading the inputs alone support).
     """
 
     a: Tensor
-    g: Tensor
+    g: Tensor | None
 
     @property
     def num_examples(self) -> int:
@@ -68,10 +70,14 @@ class LayerAdapter(ABC):
         """N, the number of examples in a call with inputs of this shape."""
         return input_shape[0] if len(input_shape) > self.example_dims else 1
 
+    def input_rows(self, inputs: Tensor) -> Tensor:
+        """The (N, R, d_in) rows ā (without the bias column) of one call's inputs."""
+        return self.batch(inputs, None).a
+
     @abstractmethod
-    def batch(self, inputs: Tensor, grad_output: Tensor) -> LayerBatch:
+    def batch(self, inputs: Tensor, grad_output: Tensor | None) -> LayerBatch:
         """Per-position ā and ĝ from the module's input and the gradient of the mean loss wrt its
-        output."""
+        output (``grad_output=None``: the rows ā alone, ``g`` None)."""
 
     def has_grad(self) -> bool:
         return self.weight.grad is not None

@@ -20,17 +20,28 @@ def _same_padding(module: nn.Conv2d) -> tuple[int, int] | None:
     return pads[0], pads[1]
 
 
+def _depthwise(module: nn.Conv2d) -> bool:
+    return module.groups > 1 and module.groups == module.in_channels
+
+
 class Conv2dAdapter(LayerAdapter):
-    """Adapter for ``nn.Conv2d`` with groups=1 and zero padding."""
+    """Adapter for ``nn.Conv2d`` with groups=1 and zero padding; depthwise convolutions
+    (``groups == in_channels``) for the curvatures that read only the inputs (MAC): their rows
+    are the kh·kw patches of one channel, one per (example, channel, position)."""
 
     module: nn.Conv2d
 
     example_dims = 3
 
     @staticmethod
-    def unsupported_reason(module: nn.Module) -> str | None:
-        if module.groups != 1:
-            return f"groups={module.groups} (only groups=1 is preconditioned)"
+    def unsupported_reason(module: nn.Module, inputs_only: bool = False) -> str | None:
+        if _depthwise(module) and not inputs_only:
+            return (f"groups={module.groups} (a depthwise convolution: its Fisher block is not one Kronecker "
+                    "product; only curvature='mac' preconditions it)")
+        if module.groups != 1 and not _depthwise(module):
+            return (f"groups={module.groups} with in_channels={module.in_channels} (grouped convolutions are "
+                    "preconditioned only with groups=1, or with groups == in_channels (depthwise) by "
+                    "curvature='mac')")
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} (only 'zeros' is preconditioned)"
         if module.padding == "same" and _same_padding(module) is None:
@@ -46,12 +57,18 @@ class Conv2dAdapter(LayerAdapter):
         else:
             self.padding = tuple(module.padding)
 
-    def batch(self, inputs: Tensor, grad_output: Tensor) -> LayerBatch:
+    def batch(self, inputs: Tensor, grad_output: Tensor | None) -> LayerBatch:
         m = self.module
         if inputs.dim() == 3:  # an unbatched call is one example
-            inputs, grad_output = inputs[None], grad_output[None]
+            inputs = inputs[None]
+            grad_output = None if grad_output is None else grad_output[None]
         n = inputs.shape[0]
         patches = F.unfold(inputs, m.kernel_size, dilation=m.dilation, padding=self.padding, stride=m.stride)
+        if _depthwise(m):  # rows per (example, channel, position); no Kronecker output side
+            a = patches.reshape(n, m.in_channels, self.d_in, -1).transpose(2, 3).reshape(n, -1, self.d_in)
+            return LayerBatch(a=a, g=None)
         a = patches.transpose(1, 2)                                   # (N, L, C_in*kh*kw)
+        if grad_output is None:
+            return LayerBatch(a=a, g=None)
         g = grad_output.reshape(n, self.d_out, -1).transpose(1, 2) * n  # (N, L, C_out)
         return LayerBatch(a=a, g=g)

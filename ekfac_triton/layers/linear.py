@@ -16,13 +16,14 @@ class LinearAdapter(LayerAdapter):
     example_dims = 1
 
     @staticmethod
-    def unsupported_reason(module: nn.Module) -> str | None:
+    def unsupported_reason(module: nn.Module, inputs_only: bool = False) -> str | None:
         return None
 
-    def batch(self, inputs: Tensor, grad_output: Tensor) -> LayerBatch:
+    def batch(self, inputs: Tensor, grad_output: Tensor | None) -> LayerBatch:
         if inputs.dim() == 1:  # an unbatched call is one example
-            inputs, grad_output = inputs[None], grad_output[None]
+            inputs = inputs[None]
+            grad_output = None if grad_output is None else grad_output[None]
         n = inputs.shape[0]
         a = inputs.reshape(n, -1, inputs.shape[-1])
-        g = grad_output.reshape(n, -1, grad_output.shape[-1]) * n
+        g = None if grad_output is None else grad_output.reshape(n, -1, grad_output.shape[-1]) * n
         return LayerBatch(a=a, g=g)

@@ -1,0 +1,127 @@
+"""MAC (Seung, Lee & Ko, ICDM 2025, arXiv 2506.08464): mean-activation curvature.
+
+The input-side factor is the damped outer product of the **mean** layer input, the output side
+the identity, so the inverse is closed-form (Sherman–Morrison) and never a matrix:
+
+    m̂ = bias-corrected EMA of the batch mean of the rows x̃ = [x; 1]     (a d_in̄ vector)
+    R  = ρ (m̂ m̂ᵀ + ρ I)⁻¹ = I − m̂ m̂ᵀ / (ρ + ‖m̂‖²)
+    D  = G R = G − (G m̂) m̂ᵀ / (ρ + ‖m̂‖²)            G = [∇W | ∇b]  (d_out x d_in̄)
+
+Rows are one per example and position (Linear on (B, T, d): per token; Conv2d: per im2col patch;
+depthwise Conv2d: per example, channel and position). The statistic is updated every
+``factor_every`` steps; the *refresh* (every ``eigen_every`` steps — for MAC that argument is the
+refresh period, there is no eigendecomposition) snapshots m̂ and ‖m̂‖², which the steps in between
+apply. Memory per layer: two d_in̄ vectors. ρ is the ``damping`` argument.
+
+An optional fixed dense inverse (``first_layer="dense"`` of :class:`~ekfac_triton.MAC`) replaces
+R by ``(C + ρI)⁻¹`` (no ρ factor, never refreshed), C the mean of x̃x̃ᵀ over a pass of data.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..layers import LayerBatch
+from .base import Curvature, LayerShape, ema_weights
+
+if TYPE_CHECKING:
+    from ..eigen_engine import EigenEngine
+
+
+def mac_precondition_reference(grad: Tensor, mean: Tensor, sq_norm: Tensor | float, damping: float) -> Tensor:
+    """``grad − (grad m̂) m̂ᵀ / (ρ + ‖m̂‖²)``: one GEMV and a rank-one update, R never formed."""
+    return torch.addr(grad, (grad @ mean) / (damping + sq_norm), mean, alpha=-1)
+
+
+class MACCurvature(Curvature):
+    """Per-layer MAC state: the EMA of the mean input row, and the snapshot the steps apply."""
+
+    name = "mac"
+    inputs_only = True
+
+    def __init__(self, shape: LayerShape, dtype: torch.dtype, device: torch.device, scaling: str = "per_example"):
+        # ``scaling`` is an EKFAC/TEKFAC setting; MAC has none (accepted for the common constructor).
+        self.shape = shape
+        self.mean_ema = torch.zeros(shape.d_in_bar, dtype=dtype, device=device)
+        self.mean: Tensor | None = None          # m̂ at the last refresh
+        self.sq_norm: Tensor | None = None       # ‖m̂‖² at the last refresh (0-dim: no host sync)
+        self.dense_inverse: Tensor | None = None  # the optional fixed (C + ρI)⁻¹
+        self.factor_updates = 0
+        self.refreshes = 0
+
+    # -- statistics -------------------------------------------------------------------------------
+    @property
+    def has_statistics(self) -> bool:
+        return self.factor_updates > 0 or self.dense_inverse is not None
+
+    def update_statistics(self, batch: LayerBatch, decay: float) -> None:
+        """``m̂ <- β' m̂ + α ā_t``, ā_t the mean of the batch's N·R rows (bias 1 appended), weights
+        from :func:`ema_weights` so m̂ is the bias-corrected EMA ``m_k / (1 − β^k)``."""
+        if self.dense_inverse is not None:
+            return
+        self.factor_updates += 1
+        beta, alpha = ema_weights(decay, self.factor_updates)
+        a = batch.a
+        row_mean = a.reshape(-1, a.shape[-1]).mean(dim=0, dtype=self.mean_ema.dtype)
+        d_in = self.shape.d_in
+        self.mean_ema[:d_in].mul_(beta).add_(row_mean, alpha=alpha)
+        if self.shape.bias:
+            self.mean_ema[d_in:].mul_(beta).add_(alpha)
+
+    def statistics(self) -> tuple[Tensor, ...]:
+        return (self.mean_ema,)
+
+    # -- refresh ----------------------------------------------------------------------------------
+    def refresh_due(self, engine: EigenEngine, index: int, step: int) -> bool:
+        if self.dense_inverse is not None:
+            return False
+        return self.mean is None or (step % engine.period == 0)
+
+    def refresh(self, engine: EigenEngine, index: int) -> str | None:
+        """Snapshot m̂ and ‖m̂‖² (O(d_in̄), no decomposition)."""
+        self.refreshes += 1
+        self.mean = self.mean_ema.clone()
+        self.sq_norm = self.mean.dot(self.mean)
+        return None
+
+    # -- the direction ----------------------------------------------------------------------------
+    def precondition(self, grad: Tensor, damping: float, num_examples: int, decay: float) -> Tensor:
+        """``D = G − (G m̂) m̂ᵀ / (ρ + ‖m̂‖²)`` (or ``G (C + ρI)⁻¹`` with a dense inverse)."""
+        if self.dense_inverse is not None:
+            return grad.to(self.dense_inverse.dtype) @ self.dense_inverse
+        return mac_precondition_reference(grad.to(self.mean.dtype), self.mean, self.sq_norm, damping)
+
+    @property
+    def fusable(self) -> bool:
+        """Whether the direction is MAC's rank-one correction (which the fused kernel applies)."""
+        return self.dense_inverse is None and self.mean is not None
+
+    def set_dense_inverse(self, inverse: Tensor) -> None:
+        """Use the fixed ``(d_in̄, d_in̄)`` matrix ``inverse`` instead of MAC's R (first layer)."""
+        d = self.shape.d_in_bar
+        if inverse.shape != (d, d):
+            raise ValueError(f"dense inverse must be ({d}, {d}), got {tuple(inverse.shape)}")
+        self.dense_inverse = inverse.to(dtype=self.mean_ema.dtype, device=self.mean_ema.device)
+
+    # -- serialisation ----------------------------------------------------------------------------
+    _TENSORS = ("mean_ema", "mean", "sq_norm", "dense_inverse")
+    _COUNTS = ("factor_updates", "refreshes")
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {k: getattr(self, k) for k in self._TENSORS}
+        state.update({k: getattr(self, k) for k in self._COUNTS})
+        state["curvature"] = self.name
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("curvature") != self.name:
+            raise ValueError(f"state is for curvature {state.get('curvature')!r}, this layer uses {self.name!r}")
+        device, dtype = self.mean_ema.device, self.mean_ema.dtype
+        for k in self._TENSORS:
+            value = state[k]
+            setattr(self, k, None if value is None else value.to(device=device, dtype=dtype, copy=True))
+        for k in self._COUNTS:
+            setattr(self, k, int(state[k]))

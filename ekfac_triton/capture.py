@@ -1,12 +1,38 @@
 """Recording each preconditioned module's input and output-gradient during forward/backward.
 
-A forward hook keeps the input and registers a hook on the output tensor that keeps the gradient
-arriving there. Both are kept only while the engine asks for statistics (``enabled``) and only for
-forwards that build a graph. The torch.compile-friendly capture (custom ops, no Python side
-effects in the graph) is a later issue; this one is plain eager PyTorch.
+Two paths with the same semantics, chosen by the forward hook at trace time:
+
+* **eager** (the model runs uncompiled): the forward hook keeps the input and registers a hook on
+  the output tensor that keeps the gradient arriving there.
+* **compiled** (the hook is being traced by ``torch.compile``): plain Python side effects (dicts,
+  ``register_hook``, ``retain_grad``) do not trace, so the hook instead returns
+  ``_Capture.apply(output, input, token, key)``: an autograd function whose forward is a view of
+  the output (no copy) and whose backward calls the opaque custom op ``ekfac_triton::stash``
+  with the saved input and the arriving gradient. The op's implementation runs at run time,
+  outside the graph: it copies both tensors (the compiled graph may reuse their buffers
+  afterwards) into this module's :class:`LayerCapture`, found through an integer key. It
+  declares a mutation of a per-layer counter ``token`` (and increments it), which keeps it in
+  the graph and in order. Dynamo traces all of this with no graph break
+  (``fullgraph=True`` works), and the statistics are exactly the eager ones.
+
+  No buffer is preallocated, so a changing batch size costs nothing beyond dynamo's own dynamic
+  shape handling (at most one recompile, after which the batch dimension is symbolic); and
+  whether statistics are wanted is read at run time, so statistics and non-statistics steps
+  (``factor_every > 1``) share one graph. The op is tagged ``cudagraph_unsafe``: its side
+  effect would not be replayed by a CUDA graph, so inductor keeps it out of any graph it captures
+  (``mode="reduce-overhead"`` on the model then graphs around it or not at all).
+
+Both paths keep tensors only while the engine asks for statistics (``enabled``) and only for
+forwards that build a graph and are backpropagated: the pair is recorded when the gradient
+arrives. The one difference: the eager path reads ``enabled`` at the forward, the compiled path
+when the gradient arrives (they differ only if ``step()`` runs between a forward and its
+backward). ``torch.func`` transforms (vmap, grad) are ignored on both paths.
 """
 
 from __future__ import annotations
+
+import itertools
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +45,46 @@ def _inside_functorch() -> bool:
     return bool(active and active())
 
 
+# -- the compiled path --------------------------------------------------------------------------
+#: key -> LayerCapture, for the stash op (weak: a dropped optimizer does not keep its captures)
+_CAPTURES: weakref.WeakValueDictionary[int, LayerCapture] = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+@torch.library.custom_op("ekfac_triton::stash", mutates_args={"token"}, tags=(torch._C.Tag.cudagraph_unsafe,))
+def _stash(token: Tensor, inputs: Tensor, grad_output: Tensor, key: int) -> None:
+    """Hand one (input, output-gradient) pair to the capture registered under ``key`` (run time,
+    outside any graph); ``token`` counts the calls."""
+    token.add_(1)
+    capture = _CAPTURES.get(key)
+    if capture is not None:
+        capture._receive(inputs.shape, inputs if capture.enabled else None, grad_output, copy=True)
+
+
+@_stash.register_fake
+def _(token: Tensor, inputs: Tensor, grad_output: Tensor, key: int) -> None:
+    return None
+
+
+class _Capture(torch.autograd.Function):
+    """Identity on the module's output; its backward stashes (input, output-gradient)."""
+
+    @staticmethod
+    def forward(ctx, output: Tensor, inputs: Tensor, token: Tensor, key: int) -> Tensor:
+        ctx.save_for_backward(inputs)
+        # Not saved for backward: the stash mutates it, and a module run twice in one graph must
+        # not trip autograd's version check (the engine refuses that case itself, at the step).
+        ctx.token, ctx.key = token, key
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None, None]:
+        (inputs,) = ctx.saved_tensors
+        torch.ops.ekfac_triton.stash(ctx.token, inputs, grad_output, ctx.key)
+        return grad_output, None, None, None
+
+
+# -- the capture of one module --------------------------------------------------------------------
 class LayerCapture:
     """The last completed (input, output-gradient) pair of one module since ``clear()``.
 
@@ -33,11 +99,17 @@ class LayerCapture:
         self.grad_output: Tensor | None = None
         self.completed = 0
         self.input_shape: torch.Size | None = None
+        self._key = next(_KEYS)
+        # Counts the compiled path's stashes; a tensor, so the graph can declare its mutation.
+        self._token = torch.zeros((), dtype=torch.int64, device=module.weight.device)
+        _CAPTURES[self._key] = self
         self._handle: RemovableHandle = module.register_forward_hook(self._forward_hook)
 
-    def _forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+    def _forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
         if not isinstance(output, Tensor) or not output.requires_grad or _inside_functorch():
-            return
+            return None
+        if torch.compiler.is_compiling():
+            return _Capture.apply(output, args[0].detach(), self._token, self._key)
         # The batch shape is needed on every step (the ``batch`` scaling reads N), the tensors only
         # when statistics are due. Both are taken when the gradient arrives, so a forward that is
         # never backpropagated (a metric computed with grad enabled) changes nothing.
@@ -45,13 +117,20 @@ class LayerCapture:
         inputs = args[0].detach() if self.enabled else None
 
         def keep_grad(grad: Tensor) -> None:
-            self.input_shape = shape
-            if inputs is not None:
-                self.inputs = inputs
-                self.grad_output = grad.detach()
-                self.completed += 1
+            self._receive(shape, inputs, grad, copy=False)
 
         output.register_hook(keep_grad)
+        return None
+
+    def _receive(self, shape: torch.Size, inputs: Tensor | None, grad: Tensor, *, copy: bool) -> None:
+        """One completed pair. ``copy``: the tensors belong to a compiled graph, which may reuse
+        their memory once the stash op returns."""
+        self.input_shape = shape
+        if inputs is None:  # statistics were not due
+            return
+        self.inputs = inputs.detach().clone() if copy else inputs
+        self.grad_output = grad.detach().clone() if copy else grad.detach()
+        self.completed += 1
 
     def clear(self) -> None:
         self.inputs = None
@@ -60,4 +139,5 @@ class LayerCapture:
 
     def remove(self) -> None:
         self._handle.remove()
+        _CAPTURES.pop(self._key, None)
         self.clear()

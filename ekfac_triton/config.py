@@ -5,9 +5,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from .curvature import CURVATURES, SCALINGS
 
 BACKENDS = ("auto", "triton", "torch")
+#: dtypes the statistics (factors) and the eigenbases (with the scalings) may be kept in: they
+#: accumulate, so half precision is refused (activations of any dtype are read with fp32
+#: accumulation, e.g. bf16 under autocast)
+STATE_DTYPES = (torch.float32, torch.float64)
 
 
 def _is_number(x: object) -> bool:
@@ -58,6 +64,8 @@ class PreconditionerConfig:
     synchronous: bool | None = None
     float64_max_dim: int | None = None
     warm_starts: int = 0
+    factor_dtype: torch.dtype | None = None
+    basis_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if self.curvature not in CURVATURES:
@@ -86,6 +94,10 @@ class PreconditionerConfig:
         if self.float64_max_dim is not None and (not isinstance(self.float64_max_dim, int)
                                                  or isinstance(self.float64_max_dim, bool) or self.float64_max_dim < 0):
             raise ValueError(f"Invalid float64_max_dim={self.float64_max_dim!r}: must be None or an integer >= 0")
+        for name in ("factor_dtype", "basis_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in STATE_DTYPES:
+                raise ValueError(f"Invalid {name}={value!r}: must be None, torch.float32 or torch.float64")
         if self.effective_damping and self.curvature != "tekfac":
             raise ValueError(f"Invalid effective_damping=True with curvature={self.curvature!r}: "
                              "effective damping is TEKFAC's (Gao et al. 2020, Eq. 3.5)")

@@ -72,6 +72,17 @@ class EKFAC(torch.optim.Optimizer):
         decoupled_weight_decay: False (default): ``u = d + weight_decay·p`` (L2, as above);
             True: ``u = d`` and ``p <- p·(1 − lr·weight_decay)`` before ``p -= lr·m``
             (Loshchilov & Hutter; MAC's ImageNet/GPT recipes).
+        factor_dtype: dtype of the factors, ``torch.float32`` or ``torch.float64``; None
+            (default): float64 for float64 layers, else float32. bf16/fp16 activations and
+            output-gradients (autocast) are accumulated in it.
+        basis_dtype: dtype of the eigenbases, eigenvalues and scalings, ``torch.float32`` or
+            ``torch.float64``; None (default): the factors' dtype.
+        grad_scaler: the ``torch.amp.GradScaler`` of fp16 training, or None. Needed because the
+            captured output-gradients carry the loss scale, which the statistics divide out.
+            With it, ``scaler.step(opt)`` always calls :meth:`step` (torch's
+            ``_step_supports_amp_scaling`` protocol): a step in which the scaler found inf/NaN
+            is skipped with the optimizer state untouched; gradients not yet unscaled are
+            unscaled here, so ``scaler.unscale_(opt)`` beforehand is optional (for clipping).
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.1, damping: float = 1e-3, curvature: str = "ekfac",
@@ -80,7 +91,9 @@ class EKFAC(torch.optim.Optimizer):
                  backend: str = "auto", kl_clip: float | None = None, effective_damping: bool = False,
                  stagger: bool = True, synchronous: bool | None = None, float64_max_dim: int | None = None,
                  warm_starts: int = 0, params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
-                 process_group: object | None = None, decoupled_weight_decay: bool = False) -> None:
+                 process_group: object | None = None, decoupled_weight_decay: bool = False,
+                 factor_dtype: torch.dtype | None = None, basis_dtype: torch.dtype | None = None,
+                 grad_scaler: torch.amp.GradScaler | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model={type(model).__name__}: must be a torch.nn.Module "
                             "(EKFAC hooks into the model's layers; pass parameter groups as params=...)")
@@ -96,7 +109,10 @@ class EKFAC(torch.optim.Optimizer):
                                               effective_damping=effective_damping, stagger=stagger,
                                               synchronous=synchronous, float64_max_dim=float64_max_dim,
                                               warm_starts=warm_starts, modules=self._modules_in_groups(model),
-                                              process_group=process_group)
+                                              process_group=process_group, factor_dtype=factor_dtype,
+                                              basis_dtype=basis_dtype, grad_scaler=grad_scaler)
+        # GradScaler.step then calls step() itself, even on inf steps, with grad_scale/found_inf set
+        self._step_supports_amp_scaling = grad_scaler is not None
 
     def _modules_in_groups(self, model: nn.Module) -> list[nn.Module]:
         """The model's modules whose weight this optimizer owns; weight and bias in one group."""
@@ -141,7 +157,8 @@ class EKFAC(torch.optim.Optimizer):
         """One optimisation step (the closure, if given, re-evaluates the loss with gradients).
 
         A step whose gradients or captured activations are not finite is skipped: parameters and
-        every state tensor stay as they are (see :meth:`Preconditioner.compute_directions`).
+        every state tensor stay as they are (see :meth:`Preconditioner.compute_directions`); so is
+        a step in which the ``grad_scaler`` found inf/NaN. The step runs outside autocast.
         """
         loss = None
         if closure is not None:
@@ -152,6 +169,21 @@ class EKFAC(torch.optim.Optimizer):
         for g in grads:
             if g.is_sparse:
                 raise RuntimeError("EKFAC does not support sparse gradients")
+        # Set by GradScaler.step (protocol above) for this call only.
+        found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
+        if found_inf is not None and bool(found_inf):
+            self._preconditioner.skip_step()
+            return loss
+        if grad_scale is not None:  # not unscaled by the user: as GradScaler.unscale_ would
+            inv_scale = grad_scale.double().reciprocal().float()
+            for g in grads:
+                g.mul_(inv_scale.to(g.device))
+        with torch.autocast(self._preconditioner.device.type, enabled=False):
+            self._step(group_of, grads)
+        return loss
+
+    def _step(self, group_of: dict[Tensor, dict[str, Any]], grads: list[Tensor]) -> None:
+        """Directions (unless skipped), then weight decay, momentum and the update per group."""
 
         def damping_of(layer: PreconditionedLayer) -> float:
             return group_of[layer.adapter.weight]["damping"]
@@ -161,7 +193,7 @@ class EKFAC(torch.optim.Optimizer):
         directions = pre.compute_directions(damping_of, also_check=grads,
                                             fused=self._fusable if fuse else None)
         if directions is None:
-            return loss
+            return
 
         direction_of: dict[Tensor, Tensor] = {}
         fused_layers = [layer for layer, matrix in directions if matrix is None]
@@ -198,7 +230,6 @@ class EKFAC(torch.optim.Optimizer):
             )
         for layer in fused_layers:
             self._fused_update(layer, group_of[layer.adapter.weight])
-        return loss
 
     @staticmethod
     def _fusable(layer: PreconditionedLayer) -> bool:

@@ -92,6 +92,17 @@ class Preconditioner:
         warm_starts: after each full eigh, refresh a layer's basis this many times by one step of
             subspace iteration from the previous basis (cheaper), then a full eigh again.
         modules: restrict preconditioning to these submodules (default: all supported ones).
+        factor_dtype: dtype of the factors (statistics), ``torch.float32`` or ``torch.float64``;
+            None (default): float64 for float64 layers, else float32. Inputs and output-gradients
+            of any dtype (bf16/fp16 under autocast) are accumulated in this dtype.
+        basis_dtype: dtype of the eigenbases, eigenvalues and scalings (and of the
+            preconditioning arithmetic), ``torch.float32`` or ``torch.float64``; None (default):
+            the factors' dtype.
+        grad_scaler: the ``torch.amp.GradScaler`` whose scaled loss is backpropagated (fp16
+            training), or None. The captured output-gradients carry its scale: they are divided
+            by ``grad_scaler.get_scale()`` (in float32) before they enter the statistics. The
+            parameter gradients must be unscaled as usual (``scaler.unscale_(optimizer)``
+            before :meth:`step`).
         process_group: data-parallel training (:mod:`ekfac_triton.distributed`): None (default)
             is not distributed unless ``model`` is wrapped in DistributedDataParallel (then DDP's
             group); a ``torch.distributed`` process group averages the statistics over its ranks
@@ -103,7 +114,9 @@ class Preconditioner:
                  scaling: str = "per_example", backend: str = "auto", kl_clip: float | None = None,
                  lr: float | None = None, effective_damping: bool = False, stagger: bool = True,
                  synchronous: bool | None = None, float64_max_dim: int | None = None, warm_starts: int = 0,
-                 modules: Sequence[nn.Module] | None = None, process_group: object | None = None) -> None:
+                 modules: Sequence[nn.Module] | None = None, process_group: object | None = None,
+                 factor_dtype: torch.dtype | None = None, basis_dtype: torch.dtype | None = None,
+                 grad_scaler: torch.amp.GradScaler | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model={type(model).__name__}: must be a torch.nn.Module")
         group = resolve_process_group(model, process_group)
@@ -113,13 +126,15 @@ class Preconditioner:
                                            eigen_every=eigen_every, scaling=scaling, backend=backend,
                                            kl_clip=kl_clip, effective_damping=effective_damping, stagger=stagger,
                                            synchronous=synchronous, float64_max_dim=float64_max_dim,
-                                           warm_starts=warm_starts)
+                                           warm_starts=warm_starts, factor_dtype=factor_dtype,
+                                           basis_dtype=basis_dtype)
         if kl_clip is not None:
             if lr is None:
                 raise ValueError("Invalid lr=None: kl_clip needs the learning rate (pass lr=...)")
             check_lr(lr)
         self.damping = damping
         self.lr = lr
+        self.grad_scaler = grad_scaler
         self.steps = 0
         self.skipped_steps = 0
         self.layers: list[PreconditionedLayer] = []
@@ -140,7 +155,9 @@ class Preconditioner:
             adapter = cls(module)
             shape = LayerShape(d_out=adapter.d_out, d_in=adapter.d_in, bias=adapter.has_bias)
             kwargs = {"effective_damping": effective_damping} if curvature == "tekfac" else {}
-            curv = CURVATURES[curvature](shape, _factor_dtype(adapter.weight), adapter.weight.device, scaling, **kwargs)
+            dtype = factor_dtype or _factor_dtype(adapter.weight)
+            curv = CURVATURES[curvature](shape, dtype, adapter.weight.device, scaling, **kwargs)
+            curv.basis_dtype = basis_dtype
             self.layers.append(PreconditionedLayer(name or type(module).__name__, adapter, LayerCapture(module), curv))
         if not self.layers:
             detail = f" (unsupported: {self.unsupported})" if self.unsupported else ""
@@ -188,8 +205,15 @@ class Preconditioner:
             layer.capture.clear()
             layer.capture.enabled = enabled
 
+    def _capture_unscale(self) -> float | None:
+        """1 / the loss scale the captured output-gradients carry (None: no GradScaler)."""
+        if self.grad_scaler is None or not self.grad_scaler.is_enabled():
+            return None
+        return 1.0 / self.grad_scaler.get_scale()
+
     def _batches(self, active: list[PreconditionedLayer]) -> dict[PreconditionedLayer, LayerBatch]:
         batches = {}
+        unscale = self._capture_unscale() if active else None
         for layer in active:
             cap = layer.capture
             if cap.completed == 0:
@@ -200,6 +224,9 @@ class Preconditioner:
                                    "the last step (shared weights or gradient accumulation), which this version does "
                                    "not model; call step() after each forward/backward")
             grad_output = None if layer.curvature.inputs_only else cap.grad_output
+            if unscale is not None and grad_output is not None:
+                # in float32 at least: fp16 would overflow (times N) or underflow
+                grad_output = grad_output.to(torch.promote_types(grad_output.dtype, torch.float32)) * unscale
             batches[layer] = layer.adapter.batch(cap.inputs, grad_output)
         return batches
 
@@ -213,6 +240,12 @@ class Preconditioner:
             layer.warned = True
             warnings.warn(f"ekfac_triton: eigendecomposition of layer {layer.name!r}: {note} "
                           "(warned once per layer)", RuntimeWarning, stacklevel=3)
+
+    def skip_step(self) -> None:
+        """Count a skipped step and drop what was captured for it; nothing else changes (used
+        when a GradScaler found non-finite gradients, and by the non-finite skip policy)."""
+        self.skipped_steps += 1
+        self._arm_capture()
 
     @torch.no_grad()
     def compute_directions(self, damping_of: Callable[[PreconditionedLayer], float],
@@ -254,8 +287,7 @@ class Preconditioner:
             agreement = dp.agree(finite.to(self.device), examples)
             finite, examples = agreement.finite, agreement.examples
         if not bool(finite):
-            self.skipped_steps += 1
-            self._arm_capture()
+            self.skip_step()
             warnings.warn("ekfac_triton: non-finite gradient or activation; step skipped, optimizer state unchanged",
                           RuntimeWarning, stacklevel=3)
             return None
@@ -352,8 +384,10 @@ class Preconditioner:
 
     def step(self) -> bool:
         """Precondition every layer's ``.grad`` in place; returns False if the step was skipped
-        (non-finite values: the gradients are then left untouched)."""
-        directions = self.compute_directions(lambda layer: self.damping)
+        (non-finite values: the gradients are then left untouched). Runs outside any autocast
+        region (its arithmetic is in the factor and basis dtypes)."""
+        with torch.autocast(self.device.type, enabled=False):
+            directions = self.compute_directions(lambda layer: self.damping)
         if directions is None:
             return False
         scale = None

@@ -139,6 +139,9 @@ class EigenbasisCurvature(Curvature):
     #: whether S is estimated (EKFAC, TEKFAC) rather than derived from the eigenvalues (K-FAC)
     estimates_scaling: ClassVar[bool] = True
 
+    #: dtype of the bases, eigenvalues and scaling (None: the factors'); the preconditioner sets it
+    basis_dtype: torch.dtype | None = None
+
     _TENSORS = ("in_factor", "out_factor", "in_eigenvalues", "out_eigenvalues", "q_in", "q_out", "scaling")
     _COUNTS = ("factor_updates", "scaling_updates")
 
@@ -231,9 +234,13 @@ class EigenbasisCurvature(Curvature):
             self._set_basis(_identity_eigh(self.in_factor), _identity_eigh(self.out_factor))
         return False
 
+    def _basis_dtype(self) -> torch.dtype:
+        return self.basis_dtype or self.in_factor.dtype
+
     def _set_basis(self, e_in: Eigh, e_out: Eigh) -> None:
-        self.q_in, self.in_eigenvalues = e_in.vectors, e_in.values
-        self.q_out, self.out_eigenvalues = e_out.vectors, e_out.values
+        dtype = self._basis_dtype()
+        self.q_in, self.in_eigenvalues = e_in.vectors.to(dtype), e_in.values.to(dtype)
+        self.q_out, self.out_eigenvalues = e_out.vectors.to(dtype), e_out.values.to(dtype)
         self.scaling = self.eigenvalue_products()
         self.scaling_updates = 0
 
@@ -288,9 +295,10 @@ class EigenbasisCurvature(Curvature):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("curvature") != self.name:
             raise ValueError(f"state is for curvature {state.get('curvature')!r}, this layer uses {self.name!r}")
-        device, dtype = self.in_factor.device, self.in_factor.dtype
+        device = self.in_factor.device
         for k in self._TENSORS:
             value = state[k]
+            dtype = self.in_factor.dtype if k.endswith("_factor") else self._basis_dtype()
             setattr(self, k, None if value is None else value.to(device=device, dtype=dtype, copy=True))
         for k in self._COUNTS:
             setattr(self, k, int(state[k]))

@@ -1,0 +1,27 @@
+"""Smoke test of bench.compile_step (CPU, tiny sizes): it runs and reports every mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_compile_step_quick_smoke(tmp_path: Path) -> None:
+    pytest.importorskip("tqdm")  # the bench extra
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "bench.compile_step", "--quick", "--device", "cpu", "--models", "autoencoder",
+           "--warmup", "2", "--steps", "2", "--profile-steps", "1", "--threads", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert [(r["optimizer"], r["mode"]) for r in rows] == [("sgd", "eager"), ("sgd", "compiled"),
+                                                           ("ekfac", "eager"), ("ekfac", "compiled")]
+    assert all(r["median_ms"] > 0 and r["launches_per_step"] > 0 for r in rows)
+    assert "| autoencoder | ekfac | compiled |" in (tmp_path / "table.md").read_text()

@@ -143,10 +143,17 @@ def test_position_jacobians_equal_residual_jacobian(problem, bias):
     r2 = residual(lambda xs, **kw: net(xs, **kw), x)
     (r2.pow(2).sum() / (2 * len(r2))).backward()
     for rec, i in zip(net.records, linear_idx):
-        auto = model[i].weight.grad if model[i].bias is None else torch.cat(
-            [model[i].weight.grad, model[i].bias.grad.unsqueeze(-1)], -1)
+        auto = _combined_grad(model[i])
         grad = layer_gradient(LayerSample(rec.inputs, rec.grads), r.detach())
         assert_rel_close(grad, auto, TOL, f"gradient vs autograd, layer {i}")
+
+
+def _combined_grad(lin: nn.Linear) -> Tensor:
+    """[∇W | ∇b] from autograd (a bias the residual does not reach has gradient 0)."""
+    if lin.bias is None:
+        return lin.weight.grad
+    bias = torch.zeros_like(lin.bias) if lin.bias.grad is None else lin.bias.grad
+    return torch.cat([lin.weight.grad, bias.unsqueeze(-1)], -1)
 
 
 # -- bad input ------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ See README.md in this folder and DESIGN §5.
 
 from .equations import Equation, Heat, Poisson, Problem, heat_sin_product, poisson_sin_product
 from .laplacian import ForwardLaplacian, Taylor
+from .optimizer import KFAC, KFACStar, StepInfo
 
-__all__ = ["Equation", "ForwardLaplacian", "Heat", "Poisson", "Problem", "Taylor", "heat_sin_product",
-           "poisson_sin_product"]
+__all__ = ["KFAC", "Equation", "ForwardLaplacian", "Heat", "KFACStar", "Poisson", "Problem", "StepInfo", "Taylor",
+           "heat_sin_product", "poisson_sin_product"]

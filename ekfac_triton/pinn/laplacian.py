@@ -26,7 +26,7 @@ exact per-point Jacobian of the residual with respect to that layer's [W | b]).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -68,12 +68,32 @@ class Taylor:
 
 @dataclass
 class LayerRecord:
-    """One Linear layer's position inputs ā (N, S, d_in [+1]) and outputs z (N, S, d_out), and the
-    position output-gradients ĝ (N, S, d_out) once a backward has reached z."""
+    """One Linear layer's position inputs ā (N, S, d_in [+1]) and outputs z (value, derivatives,
+    Laplacian; the last two None for a value-only pass), and — once a backward has gone through
+    the layer — the position output-gradients ĝ (N, S, d_out) (zero where the residual does not
+    depend on a position, e.g. the last layer's value in −Δu = f)."""
 
     inputs: Tensor
-    outputs: Tensor
-    grads: Tensor | None = None
+    outputs: tuple[Tensor, Tensor | None, Tensor | None]
+    parts: list[Tensor | None] = field(default_factory=lambda: [None, None, None])
+
+    def output_tensors(self) -> list[Tensor]:
+        return [t for t in self.outputs if t is not None]
+
+    def set_grads(self, grads: Sequence[Tensor | None]) -> None:
+        """Store the gradients of :meth:`output_tensors` (None: not reached)."""
+        self.parts = [None if g is None else g.detach() for g in grads]
+
+    @property
+    def grads(self) -> Tensor | None:
+        """ĝ (N, S, d_out), or None before any backward reached this layer."""
+        if all(g is None for g in self.parts):
+            return None
+        parts = [torch.zeros_like(t) if g is None else g for t, g in zip(self.output_tensors(), self.parts)]
+        if len(parts) == 1:
+            return parts[0].unsqueeze(-2)
+        v, d, lap = parts
+        return torch.cat([v.unsqueeze(-2), d, lap.unsqueeze(-2)], dim=-2)
 
 
 Step = tuple[str, object]  # ("linear", (W, b|None)) or ("act", derivatives)
@@ -105,13 +125,23 @@ def parse_model(model: nn.Module) -> tuple[list[nn.Linear], list[Derivatives | N
     return linears, acts
 
 
-def first_positions(x: Tensor, derivatives: bool) -> Tensor:
-    """The first layer's position inputs (N, S, d): x, the unit vectors e_i, 0."""
-    n, d = x.shape
+Positions = tuple[Tensor, Tensor | None, Tensor | None]  # value (..., N, w), ∂ (..., N, d, w), Δ (..., N, w)
+
+
+def first_positions(x: Tensor, derivatives: bool) -> Positions:
+    """The first layer's position inputs: x, the unit vectors e_i, 0."""
     if not derivatives:
-        return x.unsqueeze(1)
-    eye = torch.eye(d, dtype=x.dtype, device=x.device).expand(n, d, d)
-    return torch.cat([x.unsqueeze(1), eye, x.new_zeros(n, 1, d)], dim=1)
+        return x, None, None
+    n, d = x.shape
+    return x, torch.eye(d, dtype=x.dtype, device=x.device).expand(n, d, d), x.new_zeros(n, d)
+
+
+def stack_positions(h: Positions) -> Tensor:
+    """The positions as one (..., N, S, w) tensor: value, d derivatives, Laplacian."""
+    v, d, lap = h
+    if d is None:
+        return v.unsqueeze(-2)
+    return torch.cat([v.unsqueeze(-2), d, lap.unsqueeze(-2)], dim=-2)
 
 
 def with_bias_column(h: Tensor) -> Tensor:
@@ -121,28 +151,37 @@ def with_bias_column(h: Tensor) -> Tensor:
     return torch.cat([h, col], dim=-1)
 
 
-def linear_positions(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """z = W h at every position, + b at the value position. ``h`` is (..., N, S, d_in); ``weight``
-    (d_out, d_in) or batched (K, d_out, d_in), with then ``h`` unbatched or (K, N, S, d_in)."""
-    n_s = h.shape[-3:-1]
-    flat = h.reshape(*h.shape[:-3], n_s[0] * n_s[1], h.shape[-1])
-    z = flat @ weight.transpose(-1, -2)
-    z = z.reshape(*z.shape[:-2], *n_s, z.shape[-1])
-    if bias is None:
-        return z
-    b = bias.unsqueeze(-2).unsqueeze(-2)  # (..., 1, 1, d_out)
-    return torch.cat([z[..., :1, :] + b, z[..., 1:, :]], dim=-2)
+def _matmul_positions(d: Tensor, weight_t: Tensor, batched: bool) -> Tensor:
+    """``∂ @ Wᵀ`` for derivative positions d (..., N, d, w) and Wᵀ (w, d_out) or (K, w, d_out)."""
+    if weight_t.ndim == 2:
+        return d @ weight_t
+    if batched:  # (K, N, d, w) @ (K, 1, w, d_out)
+        return d @ weight_t.unsqueeze(-3)
+    flat = d.reshape(-1, d.shape[-1]) @ weight_t  # (K, N·d, d_out)
+    return flat.reshape(weight_t.shape[0], *d.shape[:-1], weight_t.shape[-1])
 
 
-def activation_positions(z: Tensor, act: Derivatives, weights: Tensor | None) -> Tensor:
+def linear_positions(h: Positions, weight: Tensor, bias: Tensor | None) -> Positions:
+    """z = W h at every position, + b at the value position only. ``weight`` is (d_out, d_in) or
+    batched (K, d_out, d_in) (then the positions are unbatched or carry the same K)."""
+    v, d, lap = h
+    wt = weight.transpose(-1, -2)
+    zv = v @ wt  # (N, w) or (K, N, w) against (w, d_out) or (K, w, d_out)
+    if bias is not None:
+        zv = zv + bias.unsqueeze(-2)
+    if d is None:
+        return zv, None, None
+    return zv, _matmul_positions(d, wt, v.ndim > 2), lap @ wt
+
+
+def activation_positions(z: Positions, act: Derivatives, weights: Tensor | None) -> Positions:
     """σ in Taylor mode: value σ(z), derivatives σ′(z)∂z, Laplacian σ′(z)Δz + σ″(z)Σ c_i(∂_i z)²."""
-    s0, s1, s2 = act(z[..., 0, :])
-    if z.shape[-2] == 1:
-        return s0.unsqueeze(-2)
-    d = z[..., 1:-1, :]
+    v, d, lap = z
+    s0, s1, s2 = act(v)
+    if d is None:
+        return s0, None, None
     curvature = torch.einsum("...ij,i->...j", d * d, weights)
-    lap = s1 * z[..., -1, :] + s2 * curvature
-    return torch.cat([s0.unsqueeze(-2), s1.unsqueeze(-2) * d, lap.unsqueeze(-2)], dim=-2)
+    return s0, s1.unsqueeze(-2) * d, s1 * lap + s2 * curvature
 
 
 def taylor_forward(params: Sequence[tuple[Tensor, Tensor | None]], acts: Sequence[Derivatives | None], x: Tensor,
@@ -150,18 +189,17 @@ def taylor_forward(params: Sequence[tuple[Tensor, Tensor | None]], acts: Sequenc
                    records: list[LayerRecord] | None = None) -> Taylor:
     """Run the MLP ``params``/``acts`` (see :func:`parse_model`) in Taylor mode on points ``x``
     (N, d). Weights may carry a leading grid dimension K (then every output has it). When
-    ``records`` is a list, each Linear's ā (detached) and z are appended to it."""
+    ``records`` is a list, each Linear's ā (detached), its outputs z (value, derivatives,
+    Laplacian) and a record are appended to it."""
     h = first_positions(x, derivatives)
     for (weight, bias), act in zip(params, acts):
         z = linear_positions(h, weight, bias)
         if records is not None:
-            a = h.detach()
+            a = stack_positions(tuple(t if t is None else t.detach() for t in h))
             records.append(LayerRecord(with_bias_column(a) if bias is not None else a, z))
         h = z if act is None else activation_positions(z, act, laplacian_weights)
-    out = h[..., 0]  # (..., N, S)
-    if not derivatives:
-        return Taylor(out[..., 0], None, None)
-    return Taylor(out[..., 0], out[..., 1:-1], out[..., -1])
+    v, d, lap = h
+    return Taylor(v[..., 0], None if d is None else d[..., 0], None if lap is None else lap[..., 0])
 
 
 class ForwardLaplacian:
@@ -209,13 +247,23 @@ class ForwardLaplacian:
                              records=records)
         if records is not None:
             for rec in records:
-                if rec.outputs.requires_grad:
-                    rec.outputs.register_hook(self._grad_hook(rec))
+                tensors = rec.output_tensors()
+                if all(t.requires_grad for t in tensors):
+                    _GradCollector(rec, tensors)
             self.records = records
         return out
 
-    @staticmethod
-    def _grad_hook(rec: LayerRecord) -> Callable[[Tensor], None]:
+
+class _GradCollector:
+    """Tensor hooks that store a record's output gradients as a backward reaches them."""
+
+    def __init__(self, rec: LayerRecord, tensors: list[Tensor]) -> None:
+        self.rec = rec
+        rec.parts = [None] * len(tensors)
+        for i, t in enumerate(tensors):
+            t.register_hook(self._hook(i))
+
+    def _hook(self, i: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
-            rec.grads = grad.detach()
+            self.rec.parts[i] = grad.detach()
         return hook

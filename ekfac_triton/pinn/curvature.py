@@ -19,6 +19,7 @@ each solved by two symmetric eigendecompositions), the solution of ``B₁ X A₁
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -92,13 +93,18 @@ def joint_diagonalization(first: Tensor, second: Tensor, compute_dtype: torch.dt
     definite ``first`` and symmetric ``second`` (the generalised eigenproblem ``second u = d first u``),
     via ``first = Q diag(λ) Qᵀ``, ``C = Λ^{-1/2} Qᵀ second Q Λ^{-1/2} = P diag(d) Pᵀ``,
     ``U = Q Λ^{-1/2} P``. Uses :func:`~ekfac_triton.eigen.symmetric_eigh` and its failure policy;
-    returns None (and a note) when a decomposition failed or ``first`` is not positive definite."""
+    eigenvalues of ``first`` below its rounding level ``n·ε·‖first‖`` (tiny damping on a large
+    factor) are floored there; returns None (and a note) when a decomposition failed or ``first``
+    is clearly indefinite (an eigenvalue below ``−√ε·‖first‖``)."""
     e1, note1 = symmetric_eigh(first, compute_dtype)
     if e1 is None:
         return None, note1
-    if not bool((e1.values > 0).all()):
+    top = float(e1.values.abs().max())
+    if not float(e1.values.min()) > -math.sqrt(torch.finfo(e1.values.dtype).eps) * top or top == 0:
         return None, f"the first matrix is not positive definite (smallest eigenvalue {float(e1.values.min()):.3e})"
-    scaled = e1.vectors * e1.values.rsqrt()
+    # eigenvalues below the decomposition's rounding level (n·ε·‖first‖) are noise: floor them there
+    values = e1.values.clamp_min(first.shape[0] * torch.finfo(e1.values.dtype).eps * top)
+    scaled = e1.vectors * values.rsqrt()
     c = scaled.T @ second @ scaled
     e2, note2 = symmetric_eigh((c + c.T) / 2, compute_dtype)
     if e2 is None:

@@ -47,7 +47,7 @@ from ..eigen_engine import EigenEngine
 from .curvature import (APPROXIMATIONS, KroneckerSumInverse, LayerSample, boundary_factors, damped,
                         interior_factors, jacobian_vector_product, layer_gradient)
 from .equations import Equation
-from .laplacian import ForwardLaplacian, taylor_forward
+from .laplacian import ForwardLaplacian, parse_model, taylor_forward
 
 #: the authors' grid: 2⁻³⁰ … 2⁰, 31 points
 DEFAULT_GRID = tuple(2.0 ** k for k in range(-30, 1))
@@ -162,10 +162,11 @@ class _PINNKFAC:
         self.model = model
         self.equation = equation
         self.config = config
-        self.net = ForwardLaplacian(model, equation.laplacian_weights)
-        if self.net.in_features != equation.in_features:
-            raise ValueError(f"Invalid model: its first Linear takes {self.net.in_features} inputs but the "
+        in_features = parse_model(model)[0][0].in_features
+        if in_features != equation.in_features:
+            raise ValueError(f"Invalid model: its first Linear takes {in_features} inputs but the "
                              f"equation has {equation.in_features} coordinates")
+        self.net = ForwardLaplacian(model, equation.laplacian_weights)
         self.layers = self.net.linears
         dims = [(m.in_features + (m.bias is not None), m.out_features) for m in self.layers]
         p = self.layers[0].weight
@@ -230,9 +231,10 @@ class _PINNKFAC:
         self.net.check_points(boundary_points, "boundary_points")
         out = []
         for name, values, points in (("f", f, interior_points), ("g", g, boundary_points)):
-            if not isinstance(values, Tensor) or values.numel() != points.shape[0] or values.ndim > 2:
+            n = points.shape[0]
+            if not isinstance(values, Tensor) or tuple(values.shape) not in ((n,), (n, 1)):
                 shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
-                raise ValueError(f"Invalid {name} of shape {shape}: must hold one value per point ({points.shape[0]})")
+                raise ValueError(f"Invalid {name} of shape {shape}: must be ({n},) or ({n}, 1), one value per point")
             out.append(values.reshape(-1).to(points.dtype))
         return out[0], out[1]
 

@@ -25,6 +25,7 @@ exact per-point Jacobian of the residual with respect to that layer's [W | b]).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -255,15 +256,21 @@ class ForwardLaplacian:
 
 
 class _GradCollector:
-    """Tensor hooks that store a record's output gradients as a backward reaches them."""
+    """Tensor hooks that store a record's output gradients as a backward reaches them. The hooks
+    hold the record weakly: a strong reference would make a cycle through the autograd graph
+    (record → output tensor → hook → record) that Python's collector cannot see, leaking every
+    recorded graph."""
 
     def __init__(self, rec: LayerRecord, tensors: list[Tensor]) -> None:
-        self.rec = rec
         rec.parts = [None] * len(tensors)
+        ref = weakref.ref(rec)
         for i, t in enumerate(tensors):
-            t.register_hook(self._hook(i))
+            t.register_hook(_store(ref, i))
 
-    def _hook(self, i: int) -> Callable[[Tensor], None]:
-        def hook(grad: Tensor) -> None:
-            self.rec.parts[i] = grad.detach()
-        return hook
+
+def _store(ref: weakref.ref, i: int) -> Callable[[Tensor], None]:
+    def hook(grad: Tensor) -> None:
+        rec = ref()
+        if rec is not None:
+            rec.parts[i] = grad.detach()
+    return hook

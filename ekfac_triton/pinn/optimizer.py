@@ -47,7 +47,7 @@ from ..eigen_engine import EigenEngine
 from .curvature import (APPROXIMATIONS, KroneckerSumInverse, LayerSample, boundary_factors, damped,
                         interior_factors, jacobian_vector_product, layer_gradient)
 from .equations import Equation
-from .laplacian import ForwardLaplacian, parse_model, taylor_forward
+from .laplacian import ForwardLaplacian, LayerRecord, parse_model, taylor_forward
 
 #: the authors' grid: 2⁻³⁰ … 2⁰, 31 points
 DEFAULT_GRID = tuple(2.0 ** k for k in range(-30, 1))
@@ -213,8 +213,9 @@ class _PINNKFAC:
         per term; no parameter gradients are accumulated)."""
         parts = []
         for points, target, interior in ((interior_points, f, True), (boundary_points, g, False)):
-            out = self.net(points, derivatives=interior, record=True)
-            records = self.net.records
+            records: list[LayerRecord] = []  # no hooks: the gradients come from autograd.grad below
+            out = taylor_forward(self.net.params(), self.net.acts, points, self.net.laplacian_weights,
+                                 derivatives=interior, records=records)
             r = (self.equation.interior_residual(out, target) if interior
                  else self.equation.boundary_residual(out.u, target))
             tensors = [t for rec in records for t in rec.output_tensors()]

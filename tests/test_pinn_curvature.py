@@ -23,13 +23,7 @@ from ekfac_triton.pinn.optimizer import quadratic_model, solve_quadratic_model
 DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: multi-threaded small ops can be tens of times slower on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
 
 def gen(seed: int) -> torch.Generator:

@@ -15,13 +15,7 @@ from ekfac_triton.pinn.curvature import boundary_factors, damped, interior_facto
 DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: multi-threaded small ops can be tens of times slower on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
 
 def setup(problem=None, widths=(8,), n_in=40, n_bd=12, seed=0, dtype=DTYPE, bias=True):

@@ -18,7 +18,8 @@
   installed at the start of the first step after the worker has finished. On CUDA the worker runs
   the decomposition on a side stream, and the main stream waits on an event instead of the host
   (no host-device sync on ordinary steps). A layer's first basis is always computed synchronously.
-  Results depend on timing: use ``synchronous=True`` (the default on CPU) for reproducible runs.
+  Results depend on timing: use ``synchronous=True`` (the default on CPU, and with
+  ``eigen_every=1``) for reproducible runs.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class EigenEngine:
         period: ``eigen_every``.
         stagger: spread the refreshes over the period (else all on the same steps).
         synchronous: decompose on the step that is due (else on a worker thread); None picks
-            True on CPU, False on CUDA.
+            True on CPU and with ``period == 1``, else False on CUDA.
         float64_max_dim: decompose factors up to this dimension in float64; None picks
             ``CUDA_FLOAT64_MAX_DIM`` on CUDA and 0 elsewhere: on the CPU machines float64 eigh
             cost 1.6-2.0x float32 at every size measured (n = 64 ... 1024, torch 2.13, one
@@ -83,7 +84,9 @@ class EigenEngine:
         self._refreshes = [0] * len(costs)
         self.offsets = stagger_offsets(costs, period) if stagger else [0] * len(costs)
         cuda = device.type == "cuda"
-        self.synchronous = (not cuda) if synchronous is None else synchronous
+        # With eigen_every=1 an asynchronous basis would always lag one step behind its factors
+        # (and break the exactness contract of DESIGN §2): the default stays synchronous there.
+        self.synchronous = (not cuda or period == 1) if synchronous is None else synchronous
         self.float64_max_dim = (CUDA_FLOAT64_MAX_DIM if cuda else 0) if float64_max_dim is None else float64_max_dim
         self._cuda = cuda
         self._executor: ThreadPoolExecutor | None = None

@@ -54,7 +54,8 @@ class EKFAC(torch.optim.Optimizer):
             With ``eigen_every=1`` every layer refreshes every step either way.
         synchronous: True: refresh bases on the due step (reproducible); False: on a worker
             thread (a side CUDA stream on GPU), the new basis installed at the first step boundary
-            after it is ready. None (default): True on CPU, False on CUDA.
+            after it is ready. None (default): True on CPU
+            and with ``eigen_every=1``, else False on CUDA.
         float64_max_dim: factors up to this dimension are eigendecomposed in float64; None
             (default): 1024 on CUDA (where float64 eigh is as fast, DESIGN §4), 0 on CPU.
         warm_starts: after each full eigh, a layer's next ``warm_starts`` refreshes are one step

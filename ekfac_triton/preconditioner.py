@@ -86,7 +86,8 @@ class Preconditioner:
         stagger: spread the layers' refreshes over the ``eigen_every`` steps by estimated cost
             (see :mod:`ekfac_triton.eigen_engine`), so no step pays for all of them.
         synchronous: refresh on the due step (True) or on a worker thread, installing the new
-            basis at a later step boundary (False); None: True on CPU, False on CUDA.
+            basis at a later step boundary (False); None: True on CPU and with
+            ``eigen_every=1``, else False on CUDA.
         float64_max_dim: eigendecompose factors up to this dimension in float64; None: 1024 on
             CUDA (the H100 crossover), 0 on CPU.
         warm_starts: after each full eigh, refresh a layer's basis this many times by one step of

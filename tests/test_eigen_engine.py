@@ -280,3 +280,12 @@ def test_warm_starts_alternate_with_full_eighs(monkeypatch):
 def test_bad_warm_starts_raise():
     with pytest.raises(ValueError, match="warm_starts"):
         EKFAC(model_of([4, 3]), warm_starts=-1)
+
+
+def test_default_synchronous_policy():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert EigenEngine([1.0], cpu, period=10).synchronous
+    # constructing the engine touches no CUDA API until a refresh is submitted
+    assert not EigenEngine([1.0], cuda, period=10).synchronous
+    assert EigenEngine([1.0], cuda, period=1).synchronous  # the exactness contract's setting
+    assert not EigenEngine([1.0], cuda, period=1, synchronous=False).synchronous

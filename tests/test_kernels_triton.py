@@ -20,9 +20,6 @@ rounded differently by the reference (2e-2).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -70,12 +67,9 @@ def _orthogonal(n: int, device: str = DEVICE) -> torch.Tensor:
 
 # -- the interpreter suite, from the normal test run ------------------------------------------------
 @pytest.mark.skipif(INTERPRET, reason="already interpreting")
-def test_interpreter_suite():
+def test_interpreter_suite(interpreter_suite):
     """Run this file's ``interpret`` tests in a subprocess with ``TRITON_INTERPRET=1``."""
-    env = dict(os.environ, TRITON_INTERPRET="1", EKFAC_TRITON_AUTOTUNE="0")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "interpret",
-                           str(Path(__file__))], env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, f"interpreter tests failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    interpreter_suite(__file__)
 
 
 # -- factor accumulation ---------------------------------------------------------------------------

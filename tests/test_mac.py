@@ -107,6 +107,19 @@ def rows_of(module: nn.Module, x: Tensor) -> Tensor:
     return a
 
 
+def train_in_lockstep(model, opt, ref_model, ref, make_data, loss_fn, steps: int, what: str) -> None:
+    """Step the library and the dense reference on the same batches; parameters equal to TOL."""
+    g = torch.Generator().manual_seed(1)
+    for k in range(steps):
+        x, y = make_data(g)
+        for mdl, o in ((model, opt), (ref_model, ref)):
+            mdl.zero_grad()
+            loss_fn(mdl(x), y).backward()
+            o.step()
+        for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            assert_rel_close(p, q, TOL, f"{what} step {k} {name}")
+
+
 class DenseMAC:
     """The official algorithm with explicit matrices (no Sherman–Morrison, no library code)."""
 
@@ -170,15 +183,7 @@ def run_both(problem: str, steps: int, opt_kwargs: dict, decoupled: bool = False
     ref_model = copy.deepcopy(model)
     opt = MAC(model, decoupled_weight_decay=decoupled, **opt_kwargs)
     ref = DenseMAC(ref_model, decoupled=decoupled, **opt_kwargs)
-    g = torch.Generator().manual_seed(1)
-    for k in range(steps):
-        x, y = make_data(g)
-        for mdl, o in ((model, opt), (ref_model, ref)):
-            mdl.zero_grad()
-            loss_fn(mdl(x), y).backward()
-            o.step()
-        for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
-            assert_rel_close(p, q, TOL, f"{problem} step {k} {name}")
+    train_in_lockstep(model, opt, ref_model, ref, make_data, loss_fn, steps, problem)
     return model, opt
 
 
@@ -244,15 +249,7 @@ def test_dense_first_layer_equals_oracle():
     assert not calls, "the pass over the data must stop at the first layer"
     assert_rel_close(opt.preconditioner.layers[0].curvature.dense_inverse, R1, TOL, "R₁")
     ref = DenseMAC(ref_model, dense_first=R1, **kw)
-    g = torch.Generator().manual_seed(1)
-    for k in range(6):
-        x, y = make_data(g)
-        for mdl, o in ((model, opt), (ref_model, ref)):
-            mdl.zero_grad()
-            loss_fn(mdl(x), y).backward()
-            o.step()
-        for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
-            assert_rel_close(p, q, TOL, f"dense first layer, step {k} {name}")
+    train_in_lockstep(model, opt, ref_model, ref, make_data, loss_fn, 6, "dense first layer")
 
 
 def test_state_dict_round_trip_continues_identically():

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -35,11 +32,9 @@ BF16 = (torch.bfloat16, 2e-2, 2e-2)
 
 
 @pytest.mark.skipif(INTERPRET, reason="already interpreting")
-def test_mac_interpreter_suite():
-    env = dict(os.environ, TRITON_INTERPRET="1", EKFAC_TRITON_AUTOTUNE="0")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "interpret",
-                           str(Path(__file__))], env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, f"interpreter tests failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+def test_mac_interpreter_suite(interpreter_suite):
+    """Run this file's ``interpret`` tests in a subprocess with ``TRITON_INTERPRET=1``."""
+    interpreter_suite(__file__)
 
 
 def _check(shape, bias, momentum, weight_decay, decoupled, dtype, atol, rtol, device=DEVICE):

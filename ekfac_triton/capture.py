@@ -91,12 +91,21 @@ class LayerCapture:
     ``completed`` counts pairs whose gradient arrived: more than one between two steps means the
     module ran several times in one graph (shared weights) or gradients were accumulated over
     several backwards, which the statistics do not model yet — the engine refuses it clearly.
+
+    Two modes (:mod:`ekfac_triton.fisher`): with ``keep_loss_grads`` (the empirical Fisher) the
+    training backward's output-gradient is kept; without it only the input and the count are, and
+    the output-gradients come from the curvature backward passes instead: while ``curvature_pass``
+    is set, each arriving gradient is appended to ``curvature_grads`` (not counted in
+    ``completed``).
     """
 
     def __init__(self, module: nn.Module) -> None:
         self.enabled = False
+        self.keep_loss_grads = True
+        self.curvature_pass = False
         self.inputs: Tensor | None = None
         self.grad_output: Tensor | None = None
+        self.curvature_grads: list[Tensor] = []
         self.completed = 0
         self.input_shape: torch.Size | None = None
         self._key = next(_KEYS)
@@ -128,13 +137,20 @@ class LayerCapture:
         self.input_shape = shape
         if inputs is None:  # statistics were not due
             return
-        self.inputs = inputs.detach().clone() if copy else inputs
-        self.grad_output = grad.detach().clone() if copy else grad.detach()
+        if self.curvature_pass:
+            if self.inputs is None:
+                self.inputs = inputs.detach().clone() if copy else inputs
+            self.curvature_grads.append(grad.detach().clone() if copy else grad.detach())
+            return
+        if self.keep_loss_grads:
+            self.inputs = inputs.detach().clone() if copy else inputs
+            self.grad_output = grad.detach().clone() if copy else grad.detach()
         self.completed += 1
 
     def clear(self) -> None:
         self.inputs = None
         self.grad_output = None
+        self.curvature_grads = []
         self.completed = 0
 
     def remove(self) -> None:

@@ -29,6 +29,14 @@ class EKFAC(torch.optim.Optimizer):
     The loss must be a mean over the batch's first dimension: the per-example statistics
     rescale autograd's gradients by N.
 
+    Fisher types (:mod:`ekfac_triton.fisher`): the default ``fisher="empirical"`` builds the
+    statistics from the training backward (``loss.backward(); opt.step()``). ``"mc"`` and
+    ``"type-2"`` need the loss module and a curvature backward on the statistics steps::
+
+        opt = EKFAC(model, fisher="type-2", loss=nn.CrossEntropyLoss())
+        loss = opt.backward(model(x), y)   # loss, curvature backward, loss.backward()
+        opt.step(); opt.zero_grad()
+
     Args:
         model: the model; hooks are registered on its supported layers.
         lr: learning rate (>= 0; per group).
@@ -78,6 +86,21 @@ class EKFAC(torch.optim.Optimizer):
             output-gradients (autocast) are accumulated in it.
         basis_dtype: dtype of the eigenbases, eigenvalues and scalings, ``torch.float32`` or
             ``torch.float64``; None (default): the factors' dtype.
+        fisher: ``"empirical"`` (default), ``"mc"`` or ``"type-2"``: the Fisher the statistics
+            estimate. empirical: gradients of the training loss, no extra cost. mc: targets drawn
+            from the model's predictive distribution, ``mc_samples`` extra backward passes per
+            statistics step. type-2: the exact Gauss-Newton through a factor of the loss Hessian,
+            C extra backward passes per statistics step (C classes / outputs) and C times the
+            output-gradient memory. mc and type-2 need ``loss`` and, on each statistics step,
+            :meth:`backward` (or :meth:`curvature_backward` before ``loss.backward()``); a step
+            whose statistics are due without it raises. ``scaling="batch"`` takes S from the
+            training gradient whatever the Fisher type.
+        loss: the training loss module: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or
+            ``nn.BCEWithLogitsLoss`` with reduction ``"mean"``. Required for mc/type-2; with
+            empirical optional (it lets :meth:`backward` compute the loss).
+        mc_samples: MC draws per example (>= 1, only with ``fisher="mc"``).
+        seed: seed of the MC generator (saved in :meth:`state_dict`, so a resumed run draws the
+            same targets); None: drawn from torch's global RNG.
         grad_scaler: the ``torch.amp.GradScaler`` of fp16 training, or None. Needed because the
             captured output-gradients carry the loss scale, which the statistics divide out.
             With it, ``scaler.step(opt)`` always calls :meth:`step` (torch's
@@ -94,7 +117,8 @@ class EKFAC(torch.optim.Optimizer):
                  warm_starts: int = 0, params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
                  process_group: object | None = None, decoupled_weight_decay: bool = False,
                  factor_dtype: torch.dtype | None = None, basis_dtype: torch.dtype | None = None,
-                 grad_scaler: torch.amp.GradScaler | None = None) -> None:
+                 grad_scaler: torch.amp.GradScaler | None = None, fisher: str = "empirical",
+                 loss: nn.Module | None = None, mc_samples: int = 1, seed: int | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model={type(model).__name__}: must be a torch.nn.Module "
                             "(EKFAC hooks into the model's layers; pass parameter groups as params=...)")
@@ -111,7 +135,8 @@ class EKFAC(torch.optim.Optimizer):
                                               synchronous=synchronous, float64_max_dim=float64_max_dim,
                                               warm_starts=warm_starts, modules=self._modules_in_groups(model),
                                               process_group=process_group, factor_dtype=factor_dtype,
-                                              basis_dtype=basis_dtype, grad_scaler=grad_scaler)
+                                              basis_dtype=basis_dtype, grad_scaler=grad_scaler, fisher=fisher,
+                                              loss=loss, mc_samples=mc_samples, seed=seed)
         # GradScaler.step then calls step() itself, even on inf steps, with grad_scale/found_inf set
         self._step_supports_amp_scaling = grad_scaler is not None
 
@@ -151,6 +176,28 @@ class EKFAC(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"{super().__repr__()}\n{self._preconditioner!r}"
+
+    # -- the backward -------------------------------------------------------------------------
+    def backward(self, output: Tensor, target: Tensor) -> Tensor:
+        """``loss(output, target)``, the curvature backward of mc/type-2 (on statistics steps),
+        then ``loss.backward()``; returns the detached loss. Needs ``loss`` at construction.
+        See :meth:`Preconditioner.backward`.
+
+        Args:
+            output: the model output of this step's forward.
+            target: the targets, as the loss module takes them.
+        """
+        return self._preconditioner.backward(output, target)
+
+    def curvature_backward(self, output: Tensor) -> None:
+        """Only the curvature backward (mc/type-2), for loops that compute the loss themselves:
+        call it before ``loss.backward()`` (it needs the graph). Touches no ``.grad``.
+        See :meth:`Preconditioner.curvature_backward`.
+
+        Args:
+            output: the model output the loss is applied to.
+        """
+        self._preconditioner.curvature_backward(output)
 
     # -- the step -----------------------------------------------------------------------------
     @torch.no_grad()

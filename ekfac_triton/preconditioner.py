@@ -18,6 +18,7 @@ from .config import PreconditionerConfig, check_damping, check_lr
 from .curvature import CURVATURES, Curvature, EigenbasisCurvature, LayerShape
 from .distributed import DataParallel, resolve_process_group, unwrap_model
 from .eigen_engine import Decomposition, EigenEngine
+from .fisher import check_fisher, curvature_grad_outputs
 from .layers import LayerAdapter, LayerBatch, adapter_for
 
 
@@ -66,6 +67,13 @@ class Preconditioner:
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         loss.backward(); pre.step(); opt.step(); opt.zero_grad()
 
+    With ``fisher="mc"`` or ``"type-2"`` the statistics come from extra backward passes of the
+    model output (:mod:`ekfac_triton.fisher`), run by :meth:`backward` (or
+    :meth:`curvature_backward` before your own ``loss.backward()``)::
+
+        pre = Preconditioner(model, fisher="type-2", loss=nn.CrossEntropyLoss())
+        pre.backward(model(x), y); pre.step(); opt.step(); opt.zero_grad()
+
     Args:
         model: the module whose ``nn.Linear`` and ``nn.Conv2d`` (groups=1, zero padding)
             submodules are preconditioned; hooks are registered on them (:meth:`remove_hooks`).
@@ -73,6 +81,23 @@ class Preconditioner:
         curvature: ``"ekfac"``, ``"kfac"``, ``"tekfac"`` or ``"mac"`` (see
             :mod:`ekfac_triton.curvature.mac`: there ``damping`` is ρ and the direction is
             ``∇W̄ · ρ(m̂m̂ᵀ + ρI)⁻¹``).
+        fisher: which Fisher the statistics estimate (:mod:`ekfac_triton.fisher`):
+            ``"empirical"`` (default: output-gradients of the training loss, no extra cost),
+            ``"mc"`` (targets sampled from the model's predictive distribution; ``mc_samples``
+            extra backward passes per statistics step) or ``"type-2"`` (the exact Gauss-Newton /
+            type-2 Fisher through a factor of the loss Hessian: C extra backward passes per
+            statistics step, C the number of classes or outputs, and C times the output-gradient
+            memory until the step). mc and type-2 need ``loss`` and a curvature backward
+            (:meth:`backward` or :meth:`curvature_backward`) on every statistics step; they are
+            not defined for ``curvature="mac"`` (which reads no output-gradient).
+        loss: the training loss, an ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or
+            ``nn.BCEWithLogitsLoss`` instance with reduction ``"mean"`` (no class weights, label
+            smoothing or pos_weight). Required for mc/type-2; optional for empirical (then
+            :meth:`backward` computes the loss for you).
+        mc_samples: number of MC draws per example (>= 1; only with ``fisher="mc"``).
+        seed: seed of the generator the MC targets are drawn with (it lives on the model's
+            device and is saved in :meth:`state_dict`); None: drawn from torch's global RNG, so
+            ``torch.manual_seed`` makes runs reproducible.
         factor_decay: EMA decay of factors and scalings, in [0, 1) (bias-corrected).
         factor_every: update factors (and per-example scalings) every this many steps.
         eigen_every: recompute each layer's eigenbasis every this many steps (MAC: the refresh
@@ -117,9 +142,19 @@ class Preconditioner:
                  synchronous: bool | None = None, float64_max_dim: int | None = None, warm_starts: int = 0,
                  modules: Sequence[nn.Module] | None = None, process_group: object | None = None,
                  factor_dtype: torch.dtype | None = None, basis_dtype: torch.dtype | None = None,
-                 grad_scaler: torch.amp.GradScaler | None = None) -> None:
+                 grad_scaler: torch.amp.GradScaler | None = None, fisher: str = "empirical",
+                 loss: nn.Module | None = None, mc_samples: int = 1, seed: int | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model={type(model).__name__}: must be a torch.nn.Module")
+        check_fisher(fisher, mc_samples, loss)
+        if fisher != "empirical" and curvature in CURVATURES and CURVATURES[curvature].inputs_only:
+            raise ValueError(f"Invalid fisher={fisher!r} with curvature={curvature!r}: this curvature reads only "
+                             "the layer inputs, so it has no Fisher type (use fisher='empirical')")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError(f"Invalid seed={seed!r}: must be None or an integer")
+        self.fisher = fisher
+        self.loss = loss
+        self.mc_samples = mc_samples
         group = resolve_process_group(model, process_group)
         model = unwrap_model(model)
         check_damping(damping)
@@ -166,6 +201,10 @@ class Preconditioner:
                              f"(nn.Linear, nn.Conv2d with groups=1){detail}")
         device = self.layers[0].adapter.weight.device
         self.device = device
+        # MC targets are drawn with this generator (on the model's device; saved in state_dict)
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(int(torch.randint(0, 2**62, ()).item()) if seed is None else seed)
+        self._curvature_passes = 0
         self.backend = resolve_backend(backend, device)
         for layer in self.layers:
             layer.curvature.backend = self.backend
@@ -202,9 +241,69 @@ class Preconditioner:
     def _arm_capture(self) -> None:
         """Capture inputs and output-gradients only before steps that update statistics."""
         enabled = self.steps % self.config.factor_every == 0
+        self._curvature_passes = 0
         for layer in self.layers:
             layer.capture.clear()
             layer.capture.enabled = enabled
+            layer.capture.keep_loss_grads = self.fisher == "empirical"
+
+    @property
+    def statistics_due(self) -> bool:
+        """Whether the next :meth:`step` updates the statistics (every ``factor_every`` steps)."""
+        return self.steps % self.config.factor_every == 0
+
+    def curvature_backward(self, output: Tensor) -> None:
+        """The curvature backward passes of ``fisher="mc"`` / ``"type-2"`` on the model output
+        of this step's forward (a no-op for ``"empirical"`` and on steps without statistics).
+
+        Call it after the forward and before ``loss.backward()`` frees the graph (it retains
+        it). It backpropagates each MC draw / type-2 column as ``grad_outputs`` with
+        ``torch.autograd.grad`` wrt the preconditioned layers' parameters, so no ``.grad`` is
+        touched and no forward runs again; the capture records the output-gradients it sees.
+        Works for eager and ``torch.compile``d models.
+
+        Args:
+            output: the model output the loss is applied to (logits for the CE and BCE losses).
+        """
+        if self.fisher == "empirical" or not self.statistics_due:
+            return
+        if not isinstance(output, Tensor) or not output.requires_grad:
+            raise ValueError("Invalid output: curvature_backward needs the model output with its graph "
+                             "(requires_grad=True), before loss.backward() frees it")
+        dtype = torch.promote_types(output.dtype, torch.float32)  # no sqrt/softmax in half precision
+        vectors = curvature_grad_outputs(self.fisher, self.loss, output.detach().to(dtype), self.mc_samples,
+                                         self.generator)
+        params = [p for layer in self.layers for p in layer.adapter.params]
+        for layer in self.layers:
+            layer.capture.curvature_pass = True
+        try:
+            for v in vectors:
+                torch.autograd.grad(output, params, grad_outputs=v.to(output.dtype), retain_graph=True,
+                                    allow_unused=True)
+        finally:
+            for layer in self.layers:
+                layer.capture.curvature_pass = False
+        self._curvature_passes += len(vectors)
+
+    def backward(self, output: Tensor, target: Tensor) -> Tensor:
+        """``loss(output, target)``, the curvature backward (mc/type-2, on statistics steps), then
+        ``loss.backward()``; returns the loss (detached). Needs ``loss`` at construction.
+
+        Args:
+            output: the model output of this step's forward.
+            target: the targets, as the loss module takes them.
+        """
+        if self.loss is None:
+            raise ValueError("Invalid loss=None: backward(output, target) needs the loss module given at "
+                             "construction (loss=...)")
+        loss = self.loss(output, target)
+        if (self.fisher != "empirical" and self.statistics_due and isinstance(self.loss, nn.CrossEntropyLoss)
+                and bool((target == self.loss.ignore_index).any())):
+            raise ValueError(f"Invalid target: it contains ignore_index={self.loss.ignore_index}, which "
+                             f"fisher={self.fisher!r} does not model (every position gets curvature)")
+        self.curvature_backward(output)
+        loss.backward()
+        return loss.detach()
 
     def _capture_unscale(self) -> float | None:
         """1 / the loss scale the captured output-gradients carry (None: no GradScaler)."""
@@ -224,12 +323,29 @@ class Preconditioner:
                 raise RuntimeError(f"ekfac_triton: layer {layer.name!r} ran {cap.completed} times with a backward since "
                                    "the last step (shared weights or gradient accumulation), which this version does "
                                    "not model; call step() after each forward/backward")
+            if self.fisher != "empirical":
+                batches[layer] = self._curvature_batch(layer)
+                continue
             grad_output = None if layer.curvature.inputs_only else cap.grad_output
             if unscale is not None and grad_output is not None:
                 # in float32 at least: fp16 would overflow (times N) or underflow
                 grad_output = grad_output.to(torch.promote_types(grad_output.dtype, torch.float32)) * unscale
             batches[layer] = layer.adapter.batch(cap.inputs, grad_output)
         return batches
+
+    def _curvature_batch(self, layer: PreconditionedLayer) -> LayerBatch:
+        """The batch of an mc/type-2 statistics step: the curvature passes' output-gradients
+        (unscaled: those passes never carry a GradScaler's scale)."""
+        cap = layer.capture
+        if self._curvature_passes == 0:
+            raise RuntimeError(f"ekfac_triton: fisher={self.fisher!r} needs a curvature backward on every statistics "
+                               "step: call opt.backward(output, target), or opt.curvature_backward(output) before "
+                               "loss.backward()")
+        if len(cap.curvature_grads) != self._curvature_passes:
+            raise RuntimeError(f"ekfac_triton: layer {layer.name!r} received {len(cap.curvature_grads)} output-gradients "
+                               f"in {self._curvature_passes} curvature backward passes (a module run several times, or "
+                               "not at all, in the forward), which this version does not model")
+        return layer.adapter.batch_draws(cap.inputs, cap.curvature_grads)
 
     def _install(self, layer: PreconditionedLayer, result: Decomposition) -> None:
         note = layer.curvature.install(result)
@@ -414,6 +530,8 @@ class Preconditioner:
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
             "layers": [{"name": layer.name, **layer.curvature.state_dict()} for layer in self.layers],
+            "fisher": self.fisher,
+            "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -421,6 +539,9 @@ class Preconditioner:
         names = [entry["name"] for entry in state["layers"]]
         if names != self.preconditioned_modules():
             raise ValueError(f"state_dict is for layers {names}, this preconditioner has {self.preconditioned_modules()}")
+        if state.get("fisher", "empirical") != self.fisher:
+            raise ValueError(f"state_dict is for fisher={state.get('fisher', 'empirical')!r}, this preconditioner "
+                             f"uses fisher={self.fisher!r}")
         self.eigen.cancel()  # refreshes in flight belong to the state being replaced
         if self.distributed is not None:
             self.distributed.in_flight = {}
@@ -428,4 +549,6 @@ class Preconditioner:
             layer.curvature.load_state_dict(entry)
         self.steps = int(state["steps"])
         self.skipped_steps = int(state["skipped_steps"])
+        if "generator" in state:  # resume draws the same MC targets
+            self.generator.set_state(state["generator"])
         self._arm_capture()

@@ -167,15 +167,16 @@ class EigenbasisCurvature(Curvature):
 
     def update_factors(self, batch: LayerBatch, decay: float) -> None:
         """EMA update of both factors from one batch (K-FAC-expand normalisation, DESIGN §1):
-        ``in += 1/(N·R) Σ_ns w_in ā āᵀ``, ``out += 1/N Σ_ns w_out ĝ ĝᵀ``."""
+        ``in += 1/(N·R) Σ_ns w_in ā āᵀ``, ``out += 1/(N·M) Σ_jns w_out ĝ ĝᵀ`` (M draws of the
+        output-gradients per example: MC samples or type-2 columns, :mod:`ekfac_triton.fisher`)."""
         self.factor_updates += 1
         beta, alpha = ema_weights(decay, self.factor_updates)
         n, r = batch.num_examples, batch.num_positions
         w_in, w_out = self._factor_weights(batch)
         ops.factor_update(self.in_factor, batch.a, alpha=alpha / (n * r), beta=beta,
                           bias=self.shape.bias, weights=w_in, backend=self.backend)
-        ops.factor_update(self.out_factor, batch.g, alpha=alpha / n, beta=beta, bias=False, weights=w_out,
-                          backend=self.backend)
+        ops.factor_update(self.out_factor, batch.g, alpha=alpha / (n * batch.draws), beta=beta, bias=False,
+                          weights=w_out, backend=self.backend)
 
     @property
     def has_statistics(self) -> bool:
@@ -251,17 +252,23 @@ class EigenbasisCurvature(Curvature):
     # -- scaling and preconditioning ------------------------------------------------------------
     def update_scaling(self, batch: LayerBatch, decay: float) -> None:
         """EMA update of S from one batch's per-example gradients (``per_example`` and
-        ``per_position`` modes; the ``batch`` mode updates S inside :meth:`precondition`)."""
+        ``per_position`` modes; the ``batch`` mode updates S inside :meth:`precondition`). With M
+        draws per example the (draw, example) pairs are the examples: ``1/(N·M) Σ_jn (...)²``,
+        one call per draw so that ā is never repeated M times."""
         if not self.estimates_scaling or self.scaling_mode == "batch":
             return
         self.scaling_updates += 1
         beta, alpha = ema_weights(decay, self.scaling_updates)
-        n = batch.num_examples
-        g, a = batch.g, batch.a
+        n, m = batch.num_examples, batch.draws
+        a = batch.a
         if self.scaling_mode == "per_position":  # positions as examples: an approximation
-            g, a = g.reshape(-1, 1, g.shape[-1]), a.reshape(-1, 1, a.shape[-1])
-        ops.per_example_scaling(self.scaling, g, a, self.q_out, self.q_in, alpha=alpha / n, beta=beta,
-                                bias=self.shape.bias, backend=self.backend)
+            a = a.reshape(-1, 1, a.shape[-1])
+        for j in range(m):
+            g = batch.g_of_draw(j)
+            if self.scaling_mode == "per_position":
+                g = g.reshape(-1, 1, g.shape[-1])
+            ops.per_example_scaling(self.scaling, g, a, self.q_out, self.q_in, alpha=alpha / (n * m),
+                                    beta=beta if j == 0 else 1.0, bias=self.shape.bias, backend=self.backend)
 
     def after_refresh(self, batch: LayerBatch, decay: float) -> None:
         self.update_scaling(batch, decay)

@@ -27,8 +27,13 @@ class TEKFACCurvature(EigenbasisCurvature):
     def _factor_weights(self, batch: LayerBatch) -> tuple[Tensor, Tensor]:
         dtype = self.in_factor.dtype
         a_sq = batch.a.to(dtype).square().sum(-1) + float(self.shape.bias)  # ‖ā_ns‖², the bias 1 included
-        g_sq = batch.g.to(dtype).square().sum(-1)                           # ‖ĝ_ns‖²
-        return g_sq, a_sq
+        g_sq = batch.g.to(dtype).square().sum(-1)                           # ‖ĝ_jns‖², (M·N, R)
+        m = batch.draws
+        # M draws per example ((draw, example) pairs as examples): ā_ns is weighted by the mean of
+        # its draws' ‖ĝ‖², and every draw's ĝ by its example's ‖ā‖²
+        w_in = g_sq if m == 1 else g_sq.reshape(m, *a_sq.shape).mean(0)
+        w_out = a_sq if m == 1 else a_sq.repeat(m, 1)
+        return w_in, w_out
 
     def damping_for(self, damping: float) -> float | Tensor:
         if not self.effective_damping:

@@ -16,18 +16,28 @@ class LayerBatch:
 
     Attributes:
         a: (N, R, d_in) layer inputs per example n and position s, without the bias column.
-        g: (N, R, d_out) output-gradients ĝ_ns = ∂ℓ_n/∂z_ns of example n's own loss, i.e. N times
+        g: (M·N, R, d_out) output-gradients ĝ_ns = ∂ℓ_n/∂z_ns of example n's own loss, i.e. N times
             the gradient of the mean loss that autograd delivers; None where the layer's
             output-gradients do not factor with its inputs (depthwise convolutions, which only
-            curvatures reading the inputs alone support).
+            curvatures reading the inputs alone support). M = ``draws`` output-gradients per
+            example, draw-major (``g[j·N + n]``): 1 for the empirical Fisher, the MC samples or
+            the type-2 columns otherwise (:mod:`ekfac_triton.fisher`); the statistics treat the
+            (draw, example) pairs as M·N examples that share their inputs ā.
+        draws: M.
     """
 
     a: Tensor
     g: Tensor | None
+    draws: int = 1
 
     @property
     def num_examples(self) -> int:
         return self.a.shape[0]
+
+    def g_of_draw(self, j: int) -> Tensor:
+        """(N, R, d_out): the output-gradients of draw ``j``."""
+        n = self.num_examples
+        return self.g[j * n: (j + 1) * n]
 
     @property
     def num_positions(self) -> int:
@@ -78,6 +88,20 @@ class LayerAdapter(ABC):
     def batch(self, inputs: Tensor, grad_output: Tensor | None) -> LayerBatch:
         """Per-position ā and ĝ from the module's input and the gradient of the mean loss wrt its
         output (``grad_output=None``: the rows ā alone, ``g`` None)."""
+
+    @abstractmethod
+    def output_rows(self, grad_output: Tensor, n: int) -> Tensor:
+        """The (N, R, d_out) rows ĝ (times N) of one output-gradient of a call with N examples."""
+
+    def batch_draws(self, inputs: Tensor, grad_outputs: list[Tensor]) -> LayerBatch:
+        """One batch from several output-gradients of the same forward (the curvature backward
+        passes of :mod:`ekfac_triton.fisher`), stacked draw-major; ā computed once."""
+        first = self.batch(inputs, grad_outputs[0])
+        if len(grad_outputs) == 1:
+            return first
+        n = first.num_examples
+        g = torch.cat([first.g] + [self.output_rows(go, n) for go in grad_outputs[1:]])
+        return LayerBatch(a=first.a, g=g, draws=len(grad_outputs))
 
     def has_grad(self) -> bool:
         return self.weight.grad is not None

@@ -70,5 +70,7 @@ class Conv2dAdapter(LayerAdapter):
         a = patches.transpose(1, 2)                                   # (N, L, C_in*kh*kw)
         if grad_output is None:
             return LayerBatch(a=a, g=None)
-        g = grad_output.reshape(n, self.d_out, -1).transpose(1, 2) * n  # (N, L, C_out)
-        return LayerBatch(a=a, g=g)
+        return LayerBatch(a=a, g=self.output_rows(grad_output, n))
+
+    def output_rows(self, grad_output: Tensor, n: int) -> Tensor:
+        return grad_output.reshape(n, self.d_out, -1).transpose(1, 2) * n  # (N, L, C_out)

@@ -25,5 +25,8 @@ class LinearAdapter(LayerAdapter):
             grad_output = None if grad_output is None else grad_output[None]
         n = inputs.shape[0]
         a = inputs.reshape(n, -1, inputs.shape[-1])
-        g = None if grad_output is None else grad_output.reshape(n, -1, grad_output.shape[-1]) * n
+        g = None if grad_output is None else self.output_rows(grad_output, n)
         return LayerBatch(a=a, g=g)
+
+    def output_rows(self, grad_output: Tensor, n: int) -> Tensor:
+        return grad_output.reshape(n, -1, grad_output.shape[-1]) * n

@@ -108,6 +108,8 @@ class EigenEngine:
         return q_in, q_out
 
     def _one(self, factor: Tensor, previous: Tensor | None) -> tuple[Eigh | None, str | None]:
+        if factor.dim() == 1:  # a diagonal factor (one-hot inputs): the identity basis, never formed
+            return Eigh(factor.clone(), None), None
         dtype = eigh_dtype(factor.shape[0], factor.dtype, self.float64_max_dim)
         return symmetric_eigh(factor, dtype) if previous is None else subspace_iteration(factor, previous, dtype)
 

@@ -189,7 +189,8 @@ class Preconditioner:
                 self.unsupported[name] = "the weight is frozen (requires_grad=False)"
                 continue
             adapter = cls(module)
-            shape = LayerShape(d_out=adapter.d_out, d_in=adapter.d_in, bias=adapter.has_bias)
+            shape = LayerShape(d_out=adapter.d_out, d_in=adapter.d_in, bias=adapter.has_bias,
+                               one_hot=adapter.one_hot_inputs)
             kwargs = {"effective_damping": effective_damping} if curvature == "tekfac" else {}
             dtype = factor_dtype or _factor_dtype(adapter.weight)
             curv = CURVATURES[curvature](shape, dtype, adapter.weight.device, scaling, **kwargs)
@@ -198,7 +199,7 @@ class Preconditioner:
         if not self.layers:
             detail = f" (unsupported: {self.unsupported})" if self.unsupported else ""
             raise ValueError("Invalid model: it has no supported layer to precondition "
-                             f"(nn.Linear, nn.Conv2d with groups=1){detail}")
+                             f"(nn.Linear, nn.Conv2d with groups=1, nn.Embedding){detail}")
         device = self.layers[0].adapter.weight.device
         self.device = device
         # MC targets are drawn with this generator (on the model's device; saved in state_dict)

@@ -23,6 +23,7 @@ from torch import Tensor
 from .. import ops
 from ..eigen import Eigh
 from ..layers import LayerBatch
+from . import one_hot
 
 if TYPE_CHECKING:
     from ..eigen_engine import Decomposition, EigenEngine
@@ -41,17 +42,25 @@ def ema_weights(decay: float, count: int) -> tuple[float, float]:
 
 
 def _identity_eigh(factor: Tensor) -> Eigh:
+    if factor.dim() == 1:  # a diagonal factor is its own eigendecomposition
+        return Eigh(factor.clone(), None)
     eye = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
     return Eigh(factor.diagonal().clone(), eye)
 
 
 @dataclass(frozen=True)
 class LayerShape:
-    """What a curvature needs to know of its layer."""
+    """What a curvature needs to know of its layer.
+
+    ``one_hot``: the inputs are one-hot vectors given as indices (``nn.Embedding``); the input
+    factor is then kept as its diagonal and its basis is the identity
+    (:mod:`ekfac_triton.curvature.one_hot`).
+    """
 
     d_out: int
     d_in: int
     bias: bool
+    one_hot: bool = False
 
     @property
     def d_in_bar(self) -> int:
@@ -150,7 +159,8 @@ class EigenbasisCurvature(Curvature):
             raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
         self.shape = shape
         self.scaling_mode = scaling
-        self.in_factor = torch.zeros(shape.d_in_bar, shape.d_in_bar, dtype=dtype, device=device)
+        in_shape = (shape.d_in_bar,) if shape.one_hot else (shape.d_in_bar, shape.d_in_bar)
+        self.in_factor = torch.zeros(in_shape, dtype=dtype, device=device)
         self.out_factor = torch.zeros(shape.d_out, shape.d_out, dtype=dtype, device=device)
         self.in_eigenvalues: Tensor | None = None
         self.out_eigenvalues: Tensor | None = None
@@ -173,8 +183,11 @@ class EigenbasisCurvature(Curvature):
         beta, alpha = ema_weights(decay, self.factor_updates)
         n, r = batch.num_examples, batch.num_positions
         w_in, w_out = self._factor_weights(batch)
-        ops.factor_update(self.in_factor, batch.a, alpha=alpha / (n * r), beta=beta,
-                          bias=self.shape.bias, weights=w_in, backend=self.backend)
+        if self.shape.one_hot:
+            one_hot.factor_update(self.in_factor, batch.a, alpha=alpha / (n * r), beta=beta, weights=w_in)
+        else:
+            ops.factor_update(self.in_factor, batch.a, alpha=alpha / (n * r), beta=beta,
+                              bias=self.shape.bias, weights=w_in, backend=self.backend)
         ops.factor_update(self.out_factor, batch.g, alpha=alpha / (n * batch.draws), beta=beta, bias=False,
                           weights=w_out, backend=self.backend)
 
@@ -195,10 +208,10 @@ class EigenbasisCurvature(Curvature):
     # -- eigenbasis -----------------------------------------------------------------------------
     @property
     def has_basis(self) -> bool:
-        return self.q_in is not None
+        return self.q_out is not None  # q_in stays None for one-hot inputs (the identity)
 
     def refresh_cost(self) -> float:
-        return float(self.shape.d_in_bar ** 3 + self.shape.d_out ** 3)
+        return float((0 if self.shape.one_hot else self.shape.d_in_bar ** 3) + self.shape.d_out ** 3)
 
     def refresh_due(self, engine: EigenEngine, index: int, step: int) -> bool:
         return not self.has_basis or engine.due(index, step)
@@ -240,7 +253,8 @@ class EigenbasisCurvature(Curvature):
 
     def _set_basis(self, e_in: Eigh, e_out: Eigh) -> None:
         dtype = self._basis_dtype()
-        self.q_in, self.in_eigenvalues = e_in.vectors.to(dtype), e_in.values.to(dtype)
+        self.q_in = None if e_in.vectors is None else e_in.vectors.to(dtype)
+        self.in_eigenvalues = e_in.values.to(dtype)
         self.q_out, self.out_eigenvalues = e_out.vectors.to(dtype), e_out.values.to(dtype)
         self.scaling = self.eigenvalue_products()
         self.scaling_updates = 0
@@ -267,6 +281,10 @@ class EigenbasisCurvature(Curvature):
             g = batch.g_of_draw(j)
             if self.scaling_mode == "per_position":
                 g = g.reshape(-1, 1, g.shape[-1])
+            if self.shape.one_hot:
+                one_hot.scaling_update(self.scaling, g, a.reshape(g.shape[:2]), self.q_out, alpha=alpha / (n * m),
+                                       beta=beta if j == 0 else 1.0)
+                continue
             ops.per_example_scaling(self.scaling, g, a, self.q_out, self.q_in, alpha=alpha / (n * m),
                                     beta=beta if j == 0 else 1.0, bias=self.shape.bias, backend=self.backend)
 
@@ -287,6 +305,9 @@ class EigenbasisCurvature(Curvature):
             self.scaling_updates += 1
             beta, alpha = ema_weights(decay, self.scaling_updates)
             batch_update = (beta, alpha, num_examples)
+        if self.shape.one_hot:
+            return one_hot.precondition(grad.to(self.q_out.dtype), self.q_out, self.scaling, self.damping_for(damping),
+                                        batch_update=batch_update)
         direction = ops.precondition(grad.to(self.q_in.dtype), self.q_out, self.q_in, self.scaling,
                                      self.damping_for(damping), batch_update=batch_update, backend=self.backend)
         return direction

@@ -26,7 +26,10 @@ class TEKFACCurvature(EigenbasisCurvature):
 
     def _factor_weights(self, batch: LayerBatch) -> tuple[Tensor, Tensor]:
         dtype = self.in_factor.dtype
-        a_sq = batch.a.to(dtype).square().sum(-1) + float(self.shape.bias)  # ‖ā_ns‖², the bias 1 included
+        if self.shape.one_hot:  # ‖ā_ns‖² of a one-hot row: 1, or 0 at padding
+            a_sq = (batch.a >= 0).to(dtype)
+        else:
+            a_sq = batch.a.to(dtype).square().sum(-1) + float(self.shape.bias)  # ‖ā_ns‖², the bias 1 included
         g_sq = batch.g.to(dtype).square().sum(-1)                           # ‖ĝ_jns‖², (M·N, R)
         m = batch.draws
         # M draws per example ((draw, example) pairs as examples): ā_ns is weighted by the mean of

@@ -6,11 +6,13 @@ from torch import nn
 
 from .base import LayerAdapter, LayerBatch
 from .conv2d import Conv2dAdapter
+from .embedding import EmbeddingAdapter
 from .linear import LinearAdapter
 
 ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {
     nn.Linear: LinearAdapter,
     nn.Conv2d: Conv2dAdapter,
+    nn.Embedding: EmbeddingAdapter,
 }
 
 
@@ -24,4 +26,4 @@ def adapter_for(module: nn.Module, inputs_only: bool = False) -> tuple[type[Laye
     return cls, cls.unsupported_reason(module, inputs_only)
 
 
-__all__ = ["ADAPTERS", "LayerAdapter", "LayerBatch", "LinearAdapter", "Conv2dAdapter", "adapter_for"]
+__all__ = ["ADAPTERS", "LayerAdapter", "LayerBatch", "LinearAdapter", "Conv2dAdapter", "EmbeddingAdapter", "adapter_for"]

@@ -15,7 +15,9 @@ class LayerBatch:
     """One mini-batch of a layer's curvature statistics, positions kept apart (K-FAC-expand).
 
     Attributes:
-        a: (N, R, d_in) layer inputs per example n and position s, without the bias column.
+        a: (N, R, d_in) layer inputs per example n and position s, without the bias column; for
+            one-hot inputs (``LayerAdapter.one_hot_inputs``) the (N, R) token indices instead, -1
+            for a zero input row.
         g: (M·N, R, d_out) output-gradients ĝ_ns = ∂ℓ_n/∂z_ns of example n's own loss, i.e. N times
             the gradient of the mean loss that autograd delivers; None where the layer's
             output-gradients do not factor with its inputs (depthwise convolutions, which only
@@ -75,6 +77,9 @@ class LayerAdapter(ABC):
 
     #: number of dimensions of one example's input (Linear: 1, Conv2d: 3); one more is a batch
     example_dims: int
+    #: whether the inputs are one-hot vectors passed as indices (``nn.Embedding``): ``LayerBatch.a``
+    #: is then (N, R) integer tokens, -1 for a zero row, and the curvature works in its one-hot mode
+    one_hot_inputs: bool = False
 
     def num_examples(self, input_shape: torch.Size) -> int:
         """N, the number of examples in a call with inputs of this shape."""

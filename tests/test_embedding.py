@@ -1,0 +1,222 @@
+"""``nn.Embedding`` layers (:mod:`ekfac_triton.layers.embedding`, one-hot curvature mode).
+
+* One exact-settings step changes the embedding weight by ``-lr (F̂ + λI)⁻¹ ∇L`` with F̂ built
+  densely from the definition (float64, 1e-8): per-example gradients from ``torch.func``, the
+  output-gradients ĝ by ``torch.func`` through the rest of the model, the one-hot rows as dense
+  vectors, A's eigenbasis the identity (an eigenbasis of the diagonal A; with repeated token counts
+  any other would change EKFAC's diagonal), for K-FAC, EKFAC and TEKFAC, with a padding_idx.
+* No tensor with V² elements is ever created (V = 50,000): a dispatch mode computes every op's
+  output shapes on the meta device *before* running it, and fails on one of V² or more elements.
+* max_norm, sparse=True and MAC leave the module unpreconditioned, reported.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ekfac_triton import EKFAC, MAC
+
+DTYPE = torch.float64
+LR, DAMPING = 0.3, 1e-3
+EXACT = dict(momentum=0.0, weight_decay=0.0, factor_decay=0.0, eigen_every=1)
+
+
+def assert_rel_close(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
+    __tracebackhide__ = True
+    rel = ((actual - expected).norm() / expected.norm()).item()
+    assert rel <= tol, f"{what}: relative error {rel:.3e} > {tol:.1e}"
+
+
+class TokenModel(nn.Module):
+    """Embedding -> tanh -> Linear per token -> mean over tokens -> Linear: (B, T) -> (B, C)."""
+
+    def __init__(self, vocab: int, dim: int, classes: int, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=padding_idx)
+        self.rest = nn.Sequential(nn.Tanh(), nn.Linear(dim, 5), nn.Tanh())
+        self.head = nn.Linear(5, classes)
+
+    def after_embedding(self, e: Tensor) -> Tensor:
+        return self.head(self.rest(e).mean(-2))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.after_embedding(self.embed(tokens))
+
+
+def embedding_oracle(model: TokenModel, X: Tensor, Y: Tensor, loss_fn: nn.Module, curvature: str) -> tuple[Tensor, Tensor]:
+    """``(F̂, ∇L)`` of the embedding over the column-major vec of ``W = Eᵀ`` (D x V), from the maths."""
+    vocab, dim = model.embed.weight.shape
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def example_loss(p, x, y):
+        return loss_fn(functional_call(model, p, (x[None],)), y[None])
+
+    per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))(params, X, Y)["embed.weight"]  # (N, V, D)
+    grads = per_example.transpose(1, 2)                           # Ḡ_n = ∇Eᵀ (N, D, V)
+    n, r = X.shape
+    # ĝ_ns = ∂ℓ_n/∂(embedding output at s), through the rest of the model
+    emb = model.embed.weight.detach()[X]
+    after = _After(model)
+    rest = {k: v for k, v in params.items() if not k.startswith("embed.")}
+
+    def head_loss(e, y):
+        return loss_fn(functional_call(after, rest, (e[None],)), y[None])
+
+    g = vmap(grad(head_loss))(emb, Y)                             # (N, R, D)
+    onehot = nn.functional.one_hot(X, vocab).to(DTYPE)            # (N, R, V)
+    if model.embed.padding_idx is not None:
+        onehot[X == model.embed.padding_idx] = 0                  # padding: a zero input row
+    vec = grads.transpose(1, 2).reshape(n, -1)                    # column-major vec of Ḡ_n
+    fisher = vec.T @ vec / n
+    a_rows, g_rows = onehot.reshape(-1, vocab), g.reshape(-1, dim)
+    if curvature == "tekfac":
+        a_sq, g_sq = a_rows.square().sum(1), g_rows.square().sum(1)
+        A, G = (a_rows * g_sq[:, None]).T @ a_rows, (g_rows * a_sq[:, None]).T @ g_rows
+    else:
+        A, G = a_rows.T @ a_rows / (n * r), g_rows.T @ g_rows / n
+    assert torch.equal(A, torch.diag(A.diagonal())), "A of one-hot rows is diagonal"
+    if curvature == "kfac":
+        f_hat = torch.kron(A, G)
+    else:
+        q = torch.kron(torch.eye(vocab, dtype=DTYPE), torch.linalg.eigh(G)[1].contiguous())
+        diag = ((q.T @ fisher) * q.T).sum(1)
+        f_hat = (q * diag) @ q.T
+    return f_hat, grads.mean(0)
+
+
+class _After(nn.Module):
+    """The model after its embedding, sharing its parameters' names."""
+
+    def __init__(self, model: TokenModel) -> None:
+        super().__init__()
+        self.rest, self.head = model.rest, model.head
+
+    def forward(self, e: Tensor) -> Tensor:
+        return self.head(self.rest(e).mean(-2))
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac", "tekfac"])
+def test_embedding_step_is_damped_natural_gradient(curvature: str, padding_idx: int | None) -> None:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    vocab, dim = 6, 3
+    model = TokenModel(vocab, dim, 4, padding_idx).to(DTYPE)
+    X = torch.randint(0, vocab, (9, 5), generator=g)
+    X[0, :2] = 0                                   # make sure the padding token occurs
+    Y = torch.randint(0, 4, (9,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    f_hat, grad_matrix = embedding_oracle(model, X, Y, loss_fn, curvature)
+    expected = -LR * torch.linalg.solve(f_hat + DAMPING * torch.eye(f_hat.shape[0], dtype=DTYPE),
+                                        grad_matrix.T.reshape(-1)).reshape(vocab, dim).T
+    opt = EKFAC(model, lr=LR, damping=DAMPING, curvature=curvature, **EXACT)
+    assert opt.preconditioned_modules() == ["embed", "rest.1", "head"]
+    before = model.embed.weight.detach().clone()
+    loss_fn(model(X), Y).backward()
+    assert_rel_close(model.embed.weight.grad.T, grad_matrix, 1e-12, "oracle gradient")
+    opt.step()
+    delta = (model.embed.weight.detach() - before).T
+    assert_rel_close(delta, expected, 1e-8, f"{curvature}: embedding step")
+    curv = opt.preconditioner.layers[0].curvature
+    assert curv.in_factor.shape == (vocab,) and curv.q_in is None
+    if padding_idx is not None:
+        assert torch.all(delta[:, padding_idx] == 0)
+
+
+def test_embedding_type2_matches_mc_mean() -> None:
+    """Embedding statistics under the other Fisher types: the MC mean over many draws approaches
+    type-2 (G within 0.03, A identical)."""
+    torch.manual_seed(2)
+    model = TokenModel(8, 3, 3).to(DTYPE)
+    X, Y = torch.randint(0, 8, (6, 4)), torch.randint(0, 3, (6,))
+    factors = {}
+    for fisher, k in (("type-2", 1), ("mc", 3000)):
+        m = TokenModel(8, 3, 3).to(DTYPE)
+        m.load_state_dict(model.state_dict())
+        opt = EKFAC(m, curvature="kfac", fisher=fisher, loss=nn.CrossEntropyLoss(), mc_samples=k, seed=0, **EXACT)
+        opt.backward(m(X), Y)
+        opt.step()
+        curv = opt.preconditioner.layers[0].curvature
+        factors[fisher] = (curv.in_factor, curv.out_factor)
+    assert torch.equal(factors["mc"][0], factors["type-2"][0])
+    assert_rel_close(factors["mc"][1], factors["type-2"][1], 0.03, "MC vs type-2 G of the embedding")
+
+
+# -- memory: never a V x V tensor ----------------------------------------------------------------------
+class SizeGuard(TorchDispatchMode):
+    """Fails before any op would create a tensor of ``limit`` elements or more: each op is first
+    run on meta copies of its arguments (no memory) to learn its output shapes. Ops whose output
+    shape depends on data (unique, nonzero) cannot run on meta; their outputs are checked after."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.largest = 0
+
+    def _check(self, out, func) -> None:
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor):
+                self.largest = max(self.largest, t.numel())
+                if t.numel() >= self.limit:
+                    raise AssertionError(f"{func} would create a tensor of shape {tuple(t.shape)}")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        try:
+            meta = tree_map(lambda x: x.to("meta") if isinstance(x, Tensor) else x, (args, kwargs))
+            if "device" in meta[1]:
+                meta[1]["device"] = torch.device("meta")
+            shapes = func(*meta[0], **meta[1])
+        except Exception:  # data-dependent shapes, meta-less ops: checked after running
+            shapes = None
+        if shapes is not None:
+            self._check(shapes, func)
+        out = func(*args, **kwargs)
+        self._check(out, func)
+        return out
+
+
+def test_size_guard_catches_a_square_tensor() -> None:
+    """The guard can fail: a V x V identity is refused before it is allocated."""
+    with pytest.raises(AssertionError, match="would create a tensor of shape"):
+        with SizeGuard(limit=300 * 300):
+            torch.eye(300)
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac", "tekfac"])
+def test_no_vocab_squared_tensor(curvature: str) -> None:
+    vocab = 50_000
+    torch.manual_seed(3)
+    model = TokenModel(vocab, 4, 3, padding_idx=1)
+    X, Y = torch.randint(0, vocab, (8, 6)), torch.randint(0, 3, (8,))
+    opt = EKFAC(model, curvature=curvature, eigen_every=1)
+    guard = SizeGuard(limit=vocab * vocab)
+    with guard:
+        for _ in range(2):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X), Y).backward()
+            opt.step()
+    assert guard.largest >= vocab * 4  # the guard saw the V x D tensors
+    assert opt.preconditioner.layers[0].curvature.scaling.shape == (4, vocab)
+
+
+# -- unsupported configurations ------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,reason", [(dict(max_norm=1.0), "max_norm=1.0"), (dict(sparse=True), "sparse=True")])
+def test_unsupported_embedding_is_reported(kwargs: dict, reason: str) -> None:
+    model = nn.Sequential(nn.Embedding(10, 3, **kwargs), nn.Flatten(), nn.Linear(6, 2))
+    with pytest.warns(UserWarning, match=reason):
+        opt = EKFAC(model)
+    assert opt.preconditioned_modules() == ["2"]
+    assert reason in opt.preconditioner.unsupported["0"]
+
+
+def test_mac_leaves_embeddings_unpreconditioned() -> None:
+    model = nn.Sequential(nn.Embedding(10, 3), nn.Flatten(), nn.Linear(6, 2))
+    with pytest.warns(UserWarning, match="leave embeddings unpreconditioned"):
+        opt = MAC(model)
+    assert opt.preconditioned_modules() == ["2"]

@@ -1,5 +1,5 @@
-"""``EKFAC``: a ``torch.optim.Optimizer`` over all parameters of a model. Linear and Conv2d layers
-get curvature-preconditioned directions; every other parameter its plain gradient. Then weight
+"""``EKFAC``: a ``torch.optim.Optimizer`` over all parameters of a model. Linear, Conv2d and
+Embedding layers get curvature-preconditioned directions; every other parameter its plain gradient. Then weight
 decay, momentum and the update act on the direction, as SGD does on a gradient (DESIGN §1)."""
 
 from __future__ import annotations

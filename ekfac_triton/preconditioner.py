@@ -57,7 +57,8 @@ def kl_clip_scale(terms: Iterable[tuple[Tensor, Tensor, float]], kl_clip: float)
 
 
 class Preconditioner:
-    """Kronecker-factored eigenbasis preconditioner for the Linear and Conv2d layers of a model.
+    """Kronecker-factored eigenbasis preconditioner for the Linear, Conv2d and Embedding layers
+    of a model.
 
     Used on its own, call :meth:`step` after ``loss.backward()``: it replaces each preconditioned
     layer's ``.grad`` by ``(F̂ + λI)⁻¹ ∇L`` (times the KL-clip factor when ``kl_clip`` is set), and
@@ -75,8 +76,8 @@ class Preconditioner:
         pre.backward(model(x), y); pre.step(); opt.step(); opt.zero_grad()
 
     Args:
-        model: the module whose ``nn.Linear`` and ``nn.Conv2d`` (groups=1, zero padding)
-            submodules are preconditioned; hooks are registered on them (:meth:`remove_hooks`).
+        model: the module whose ``nn.Linear``, ``nn.Conv2d`` (groups=1, zero padding) and
+            ``nn.Embedding`` (no max_norm, not sparse) submodules are preconditioned; hooks are registered on them (:meth:`remove_hooks`).
         damping: λ added to the scaling, > 0.
         curvature: ``"ekfac"``, ``"kfac"``, ``"tekfac"`` or ``"mac"`` (see
             :mod:`ekfac_triton.curvature.mac`: there ``damping`` is ρ and the direction is

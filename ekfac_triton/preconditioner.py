@@ -203,9 +203,12 @@ class Preconditioner:
                              f"(nn.Linear, nn.Conv2d with groups=1, nn.Embedding){detail}")
         device = self.layers[0].adapter.weight.device
         self.device = device
-        # MC targets are drawn with this generator (on the model's device; saved in state_dict)
+        # MC targets are drawn with this generator (on the model's device; saved in state_dict).
+        # Only fisher="mc" seeds it from the global RNG: constructing any other preconditioner
+        # must not advance torch's RNG (a user's data order would silently change).
         self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(int(torch.randint(0, 2**62, ()).item()) if seed is None else seed)
+        if fisher == "mc":
+            self.generator.manual_seed(int(torch.randint(0, 2**62, ()).item()) if seed is None else seed)
         self._curvature_passes = 0
         self.backend = resolve_backend(backend, device)
         for layer in self.layers:
@@ -213,6 +216,10 @@ class Preconditioner:
         costs = [layer.curvature.refresh_cost() for layer in self.layers]
         self.eigen = EigenEngine(costs, device, period=eigen_every, stagger=stagger, synchronous=synchronous,
                                  float64_max_dim=float64_max_dim, warm_starts=warm_starts)
+        one_hot = [layer.name for layer in self.layers if layer.adapter.one_hot_inputs]
+        if group is not None and one_hot:
+            raise ValueError(f"Invalid process_group: data-parallel training does not support nn.Embedding layers "
+                             f"yet ({one_hot}); exclude them with modules=... or params=...")
         #: the collectives when distributed (None: a single process, no collective at all)
         self.distributed = None if group is None else DataParallel(group, costs, device)
         for name, reason in self.unsupported.items():

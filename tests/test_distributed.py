@@ -409,5 +409,10 @@ def test_world_size_one_group_equals_the_plain_path(tmp_path):
         assert results[0][2] == results[1][2]
         with pytest.raises(ValueError, match="process_group"):
             EKFAC(make_model("mlp"), process_group="world")
+        # nn.Embedding's one-hot curvature has no distributed path yet: refused, not silently wrong
+        embedding_model = torch.nn.Sequential(torch.nn.Embedding(11, 4), torch.nn.Linear(4, 3))
+        with pytest.raises(ValueError, match="process_group.*Embedding"):
+            EKFAC(embedding_model, process_group=dist.group.WORLD)
+        EKFAC(embedding_model, process_group=dist.group.WORLD, params=embedding_model[1].parameters())
     finally:
         dist.destroy_process_group()

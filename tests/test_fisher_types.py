@@ -307,6 +307,18 @@ def test_mc_seed_reproducible_and_distinct() -> None:
     assert any(not torch.equal(ga, gc) for (_, ga), (_, gc) in zip(a, c))
 
 
+@pytest.mark.parametrize("fisher", ["empirical", "type-2"])
+def test_construction_leaves_the_global_rng_alone(fisher: str) -> None:
+    """Only fisher='mc' without a seed reads torch's global RNG (to seed its generator): any other
+    optimizer must not shift a user's seeded data order."""
+    model, _, _, loss_fn = problem("mlp", "ce", seed=8)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    EKFAC(model, fisher=fisher, loss=loss_fn)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_mc_resume_is_bit_exact() -> None:
     """Train 3 steps, save, train 3 more; a fresh optimizer loaded from the save (and the saved
     model) trains the same 3 steps bit-identically: the generator's state is in the state_dict."""

@@ -22,6 +22,12 @@ Examples::
     python -m ekfac_triton.demo                       # 60 s per optimizer, CPU or GPU
     python -m ekfac_triton.demo --quick               # a few-second smoke run
     python -m ekfac_triton.demo --optimizers ekfac,adamw --set ekfac.lr=0.3 --budget-seconds 30
+    python -m ekfac_triton.demo --optimizers ekfac --set ekfac.fisher=mc   # Monte-Carlo Fisher
+
+Fisher types (``--set ekfac.fisher=mc`` or ``type-2``; K-FAC and TEKFAC alike): the optimizer is
+given ``loss=nn.BCEWithLogitsLoss()`` with ``loss_scale=784`` — the trained loss above is 784 times
+the mean over pixels — and trains through ``optimizer.backward(logits, images)``. type-2 costs 784
+extra backward passes per statistics step (one per output pixel), mc one per draw.
 """
 
 from __future__ import annotations
@@ -181,6 +187,9 @@ def batches(n: int, batch_size: int, seed: int):
 def make_optimizer(name: str, model: nn.Module, hparams: dict[str, Any]) -> torch.optim.Optimizer:
     """One of ``ekfac``, ``kfac``, ``tekfac``, ``mac`` (this library), ``adamw``, ``sgd`` (torch)."""
     if name in ("ekfac", "kfac", "tekfac"):
+        if hparams.get("fisher", "empirical") != "empirical":
+            # the curvature of the trained loss: 784 x the mean BCE over pixels (see the docstring)
+            hparams = {"loss": nn.BCEWithLogitsLoss(), "loss_scale": float(ENCODER_WIDTHS[0]), **hparams}
         return EKFAC(model, curvature=name, **hparams)
     if name == "mac":
         return MAC(model, **hparams)
@@ -241,6 +250,7 @@ def train_one(name: str, config: DemoConfig, data: Data, *, progress: bool = Tru
     model = autoencoder().to(device)
     result = RunResult(name, config.hparams(name))
     optimizer = make_optimizer(name, model, result.hparams)
+    curvature_backward = result.hparams.get("fisher", "empirical") != "empirical"
     budget = config.budget_seconds
     eval_seconds = budget / config.eval_points if budget else math.inf
 
@@ -264,9 +274,12 @@ def train_one(name: str, config: DemoConfig, data: Data, *, progress: bool = Tru
             synchronize(device)
             start = time.perf_counter()
             x = data.train[next(stream).to(device)]
-            loss = reconstruction_loss(model(x), x)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if curvature_backward:  # loss_scale · mean BCE = reconstruction_loss, plus the Fisher passes
+                loss = optimizer.backward(model(x), x)
+            else:
+                loss = reconstruction_loss(model(x), x)
+                loss.backward()
             optimizer.step()
             synchronize(device)
             elapsed = time.perf_counter() - start
@@ -298,13 +311,15 @@ def train_one(name: str, config: DemoConfig, data: Data, *, progress: bool = Tru
 # -- reporting ----------------------------------------------------------------------------------
 def format_hparams(name: str, hparams: dict[str, Any]) -> str:
     """The hyperparameters that differ between methods, compactly."""
-    keys = ("lr", "damping", "momentum", "eigen_every", "kl_clip") if name in ("ekfac", "kfac", "tekfac") \
+    keys = ("lr", "damping", "momentum", "factor_every", "eigen_every", "kl_clip", "fisher", "mc_samples") \
+        if name in ("ekfac", "kfac", "tekfac") \
         else ("lr", "momentum", "betas", "weight_decay")
     parts = []
     for k in keys:
         if k in hparams and hparams[k] is not None:
             v = hparams[k]
-            parts.append(f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else f'{v:g}'}")
+            shown = ",".join(map(str, v)) if isinstance(v, tuple) else v if isinstance(v, str) else f"{v:g}"
+            parts.append(f"{k}={shown}")
     return " ".join(parts)
 
 

@@ -99,6 +99,10 @@ class EKFAC(torch.optim.Optimizer):
             ``nn.BCEWithLogitsLoss`` with reduction ``"mean"``. Required for mc/type-2; with
             empirical optional (it lets :meth:`backward` compute the loss).
         mc_samples: MC draws per example (>= 1, only with ``fisher="mc"``).
+        loss_scale: the training loss is ``loss_scale · loss(output, target)`` (e.g. 784 for a
+            per-image BCE summed over MNIST's pixels and averaged over the batch); mc/type-2
+            estimate the curvature of that scaled loss and :meth:`backward` trains on it.
+            Default 1.
         seed: seed of the MC generator (saved in :meth:`state_dict`, so a resumed run draws the
             same targets); None: drawn from torch's global RNG.
         grad_scaler: the ``torch.amp.GradScaler`` of fp16 training, or None. Needed because the
@@ -118,7 +122,8 @@ class EKFAC(torch.optim.Optimizer):
                  process_group: object | None = None, decoupled_weight_decay: bool = False,
                  factor_dtype: torch.dtype | None = None, basis_dtype: torch.dtype | None = None,
                  grad_scaler: torch.amp.GradScaler | None = None, fisher: str = "empirical",
-                 loss: nn.Module | None = None, mc_samples: int = 1, seed: int | None = None) -> None:
+                 loss: nn.Module | None = None, mc_samples: int = 1, seed: int | None = None,
+                 loss_scale: float = 1.0) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model={type(model).__name__}: must be a torch.nn.Module "
                             "(EKFAC hooks into the model's layers; pass parameter groups as params=...)")
@@ -136,7 +141,8 @@ class EKFAC(torch.optim.Optimizer):
                                               warm_starts=warm_starts, modules=self._modules_in_groups(model),
                                               process_group=process_group, factor_dtype=factor_dtype,
                                               basis_dtype=basis_dtype, grad_scaler=grad_scaler, fisher=fisher,
-                                              loss=loss, mc_samples=mc_samples, seed=seed)
+                                              loss=loss, mc_samples=mc_samples, seed=seed,
+                                              loss_scale=loss_scale)
         # GradScaler.step then calls step() itself, even on inf steps, with grad_scale/found_inf set
         self._step_supports_amp_scaling = grad_scaler is not None
 

@@ -4,6 +4,7 @@ torch optimizer: it rewrites ``.grad`` in place and that optimizer steps."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -96,6 +97,10 @@ class Preconditioner:
             smoothing or pos_weight). Required for mc/type-2; optional for empirical (then
             :meth:`backward` computes the loss for you).
         mc_samples: number of MC draws per example (>= 1; only with ``fisher="mc"``).
+        loss_scale: the training loss is ``loss_scale · loss(output, target)`` (e.g. the number
+            of entries of an example, for a loss summed over pixels or tokens and averaged over the
+            batch): mc/type-2 then estimate the curvature of that scaled loss (the backward passes
+            are scaled by √loss_scale) and :meth:`backward` trains on it. Default 1.
         seed: seed of the generator the MC targets are drawn with (it lives on the model's
             device and is saved in :meth:`state_dict`); None: drawn from torch's global RNG, so
             ``torch.manual_seed`` makes runs reproducible.
@@ -144,7 +149,8 @@ class Preconditioner:
                  modules: Sequence[nn.Module] | None = None, process_group: object | None = None,
                  factor_dtype: torch.dtype | None = None, basis_dtype: torch.dtype | None = None,
                  grad_scaler: torch.amp.GradScaler | None = None, fisher: str = "empirical",
-                 loss: nn.Module | None = None, mc_samples: int = 1, seed: int | None = None) -> None:
+                 loss: nn.Module | None = None, mc_samples: int = 1, seed: int | None = None,
+                 loss_scale: float = 1.0) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model={type(model).__name__}: must be a torch.nn.Module")
         check_fisher(fisher, mc_samples, loss)
@@ -153,8 +159,12 @@ class Preconditioner:
                              "the layer inputs, so it has no Fisher type (use fisher='empirical')")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError(f"Invalid seed={seed!r}: must be None or an integer")
+        if (isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not math.isfinite(loss_scale)
+                or loss_scale <= 0):
+            raise ValueError(f"Invalid loss_scale={loss_scale!r}: must be a finite number > 0")
         self.fisher = fisher
         self.loss = loss
+        self.loss_scale = float(loss_scale)
         self.mc_samples = mc_samples
         group = resolve_process_group(model, process_group)
         model = unwrap_model(model)
@@ -282,6 +292,9 @@ class Preconditioner:
         dtype = torch.promote_types(output.dtype, torch.float32)  # no sqrt/softmax in half precision
         vectors = curvature_grad_outputs(self.fisher, self.loss, output.detach().to(dtype), self.mc_samples,
                                          self.generator)
+        if self.loss_scale != 1.0:  # H and E[ssᵀ] scale with the loss: s by its square root
+            root = math.sqrt(self.loss_scale)
+            vectors = [v * root for v in vectors]
         params = [p for layer in self.layers for p in layer.adapter.params]
         for layer in self.layers:
             layer.capture.curvature_pass = True
@@ -295,7 +308,7 @@ class Preconditioner:
         self._curvature_passes += len(vectors)
 
     def backward(self, output: Tensor, target: Tensor) -> Tensor:
-        """``loss(output, target)``, the curvature backward (mc/type-2, on statistics steps), then
+        """``loss_scale · loss(output, target)``, the curvature backward (mc/type-2, on statistics steps), then
         ``loss.backward()``; returns the loss (detached). Needs ``loss`` at construction.
 
         Args:
@@ -306,6 +319,8 @@ class Preconditioner:
             raise ValueError("Invalid loss=None: backward(output, target) needs the loss module given at "
                              "construction (loss=...)")
         loss = self.loss(output, target)
+        if self.loss_scale != 1.0:
+            loss = loss * self.loss_scale
         if (self.fisher != "empirical" and self.statistics_due and isinstance(self.loss, nn.CrossEntropyLoss)
                 and bool((target == self.loss.ignore_index).any())):
             raise ValueError(f"Invalid target: it contains ignore_index={self.loss.ignore_index}, which "

@@ -297,6 +297,24 @@ def test_mc_factors_converge_to_type2(loss: str) -> None:
     assert worst_one > 0.1
 
 
+@pytest.mark.parametrize("fisher", ["type-2", "mc"])
+def test_loss_scale_scales_the_curvature_and_the_trained_loss(fisher: str) -> None:
+    """loss_scale = c: the training loss is c·loss, so G (from the curvature passes) is exactly c
+    times that of c = 1 with the same draws, A is unchanged, and backward() trains on c·loss."""
+    model, X, Y, loss_fn = problem("mlp", "bce", seed=9)
+    plain = kfac_factors_after_step(model, X, Y, loss_fn, fisher, seed=2)
+    scaled = kfac_factors_after_step(model, X, Y, loss_fn, fisher, seed=2, loss_scale=7.0)
+    for (a1, g1), (a7, g7) in zip(plain, scaled):
+        assert_rel_close(a7, a1, 1e-14, "A does not depend on the loss scale")
+        assert_rel_close(g7, 7.0 * g1, 1e-12, "G of the scaled loss")
+    trained = copy.deepcopy(model)
+    opt = EKFAC(trained, fisher=fisher, loss=loss_fn, loss_scale=7.0, seed=2)
+    returned = opt.backward(trained(X), Y)
+    assert torch.allclose(returned, 7.0 * loss_fn(model(X), Y), rtol=1e-14, atol=0)
+    expected = torch.autograd.grad(7.0 * loss_fn(model(X), Y), model[0].weight)[0]
+    assert torch.allclose(trained[0].weight.grad, expected, rtol=1e-12, atol=1e-15)
+
+
 def test_mc_seed_reproducible_and_distinct() -> None:
     model, X, Y, loss_fn = problem("cnn", "ce", seed=6)
     a = kfac_factors_after_step(model, X, Y, loss_fn, "mc", seed=3)
@@ -439,6 +457,8 @@ def _model_only() -> nn.Module:
     (dict(loss=nn.MSELoss(), mc_samples=2), "mc_samples=2"),
     (dict(fisher="mc", loss=nn.MSELoss(), seed="x"), "seed='x'"),
     (dict(fisher="mc", loss=nn.MSELoss(), curvature="mac"), "curvature='mac'"),
+    (dict(fisher="type-2", loss=nn.MSELoss(), loss_scale=0.0), "loss_scale=0.0"),
+    (dict(fisher="type-2", loss=nn.MSELoss(), loss_scale=float("inf")), "loss_scale=inf"),
 ])
 def test_bad_fisher_arguments_raise_naming_them(kwargs: dict, match: str) -> None:
     for cls in (EKFAC, Preconditioner):

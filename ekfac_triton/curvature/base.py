@@ -52,6 +52,8 @@ class LayerShape:
     d_out: int
     d_in: int
     bias: bool
+    #: attention layers (MAC): the value-projection rows ``[start, stop)`` of the weight
+    value_rows: tuple[int, int] | None = None
 
     @property
     def d_in_bar(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,10 +21,14 @@ class LayerBatch:
             the gradient of the mean loss that autograd delivers; None where the layer's
             output-gradients do not factor with its inputs (depthwise convolutions, which only
             curvatures reading the inputs alone support).
+        token_weights: (R,) attention layers only (MAC, DESIGN §5): p̄, the mean over examples,
+            heads and queries of the attention probabilities of each position (token) as a key;
+            None for other layers.
     """
 
     a: Tensor
     g: Tensor | None
+    token_weights: Tensor | None = None
 
     @property
     def num_examples(self) -> int:
@@ -66,6 +71,20 @@ class LayerAdapter(ABC):
     #: number of dimensions of one example's input (Linear: 1, Conv2d: 3); one more is a batch
     example_dims: int
 
+    #: attention layers (MAC): the rows ``[start, stop)`` of the weight that project the values
+    #: and get MAC's R_v; None for other layers
+    value_rows: tuple[int, int] | None = None
+
+    @property
+    def hooked_module(self) -> nn.Module:
+        """The module whose calls are captured (``module``, unless its input lives elsewhere)."""
+        return self.module
+
+    def read_call(self, args: tuple, kwargs: dict) -> tuple[Tensor, Any]:
+        """The input tensor whose rows are captured from one call of :attr:`hooked_module`, and
+        whatever else the adapter needs of that call (passed back to :meth:`batch` as ``record``)."""
+        return args[0], None
+
     def num_examples(self, input_shape: torch.Size) -> int:
         """N, the number of examples in a call with inputs of this shape."""
         return input_shape[0] if len(input_shape) > self.example_dims else 1
@@ -75,9 +94,10 @@ class LayerAdapter(ABC):
         return self.batch(inputs, None).a
 
     @abstractmethod
-    def batch(self, inputs: Tensor, grad_output: Tensor | None) -> LayerBatch:
+    def batch(self, inputs: Tensor, grad_output: Tensor | None, record: Any = None) -> LayerBatch:
         """Per-position ā and ĝ from the module's input and the gradient of the mean loss wrt its
-        output (``grad_output=None``: the rows ā alone, ``g`` None)."""
+        output (``grad_output=None``: the rows ā alone, ``g`` None); ``record``: what
+        :meth:`read_call` returned for that call."""
 
     def has_grad(self) -> bool:
         return self.weight.grad is not None

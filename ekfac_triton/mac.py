@@ -116,7 +116,10 @@ def mark_attention_layers(pre: Preconditioner, model: nn.Module, specs: dict[str
             raise ValueError(f"Invalid attention_layers: nn.Linear {name!r} is not preconditioned "
                              f"({pre.unsupported.get(name, 'it is not among the optimizer parameters')})")
         layer = layers[name]
-        adapter = FusedQKVAdapter(module, spec)
+        try:
+            adapter = FusedQKVAdapter(module, spec)
+        except ValueError as err:
+            raise ValueError(f"Invalid attention_layers[{name!r}]: {err}") from None
         old = layer.curvature
         shape = LayerShape(d_out=adapter.d_out, d_in=adapter.d_in, bias=adapter.has_bias,
                            value_rows=adapter.value_rows)

@@ -36,7 +36,8 @@ def _chunks(q: Tensor, k: Tensor, mask: Tensor | None):
     size = max(1, CHUNK_ELEMENTS // max(1, heads * t * k.shape[2]))
     for start in range(0, n, size):
         rows = slice(start, min(n, start + size))
-        m = mask if mask is None or mask.shape[0] == 1 else mask[rows]
+        per_example = mask is not None and mask.dim() == 4 and mask.shape[0] > 1
+        m = mask[rows] if per_example else mask
         yield rows, q[rows], k[rows], m
 
 

@@ -51,7 +51,7 @@ class FusedQKVAdapter(LinearAdapter):
         super().__init__(module)
         d_out = module.out_features
         if d_out % 3:
-            raise ValueError(f"Invalid attention layer: out_features={d_out} is not divisible by 3 "
+            raise ValueError(f"out_features={d_out} is not divisible by 3 "
                              "(a fused q/k/v projection has columns [q | k | v])")
         embed = d_out // 3
         if embed % spec.num_heads:

@@ -68,7 +68,9 @@ class Preconditioner:
 
     Args:
         model: the module whose ``nn.Linear`` and ``nn.Conv2d`` (groups=1, zero padding)
-            submodules are preconditioned; hooks are registered on them (:meth:`remove_hooks`).
+            submodules are preconditioned (with ``curvature="mac"`` also depthwise convolutions
+            and self-attention ``nn.MultiheadAttention``); hooks are registered on them
+            (:meth:`remove_hooks`).
         damping: λ added to the scaling, > 0.
         curvature: ``"ekfac"``, ``"kfac"``, ``"tekfac"`` or ``"mac"`` (see
             :mod:`ekfac_triton.curvature.mac`: there ``damping`` is ρ and the direction is

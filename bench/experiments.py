@@ -17,7 +17,8 @@ running Python has: its size and SHA-256 go into the log, so runs on different P
 All losses are means over the batch's first dimension (the library requires it). Every
 preconditioned layer is an ``nn.Linear`` or ``nn.Conv2d``; the transformer's attention uses its
 own q/k/v/o ``nn.Linear`` layers (``nn.MultiheadAttention``'s fused ``in_proj_weight`` is a raw
-Parameter and its ``out_proj`` is not called as a module, so neither would be preconditioned);
+Parameter and its ``out_proj`` is not called as a module: only MAC preconditions them, see
+``bench/mac_attention.py``);
 embeddings, LayerNorm and BatchNorm get the optimizer's plain momentum update.
 """
 

@@ -5,9 +5,10 @@
     loss.backward(); opt.step(); opt.zero_grad()
 """
 
+from .layers import AttentionSpec
 from .mac import MAC
 from .optimizer import EKFAC, KFAC, TEKFAC
 from .preconditioner import Preconditioner
 
 __version__ = "0.1.0"
-__all__ = ["EKFAC", "KFAC", "TEKFAC", "MAC", "Preconditioner", "__version__"]
+__all__ = ["EKFAC", "KFAC", "TEKFAC", "MAC", "AttentionSpec", "Preconditioner", "__version__"]

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -84,6 +86,11 @@ class _Capture(torch.autograd.Function):
         return grad_output, None, None, None
 
 
+def _first_argument(args: tuple, kwargs: dict) -> tuple[Tensor, None]:
+    """The default reading of a call: its first positional argument is the input."""
+    return args[0], None
+
+
 # -- the capture of one module --------------------------------------------------------------------
 class LayerCapture:
     """The last completed (input, output-gradient) pair of one module since ``clear()``.
@@ -99,39 +106,49 @@ class LayerCapture:
     ``completed``).
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module,
+                 read_call: Callable[[tuple, dict], tuple[Tensor, Any]] | None = None) -> None:
         self.enabled = False
         self.keep_loss_grads = True
         self.curvature_pass = False
         self.inputs: Tensor | None = None
         self.grad_output: Tensor | None = None
         self.curvature_grads: list[Tensor] = []
+        #: what ``read_call`` returned beside the input for the captured call (eager path only)
+        self.record: Any = None
         self.completed = 0
         self.input_shape: torch.Size | None = None
+        self._read_call = read_call or _first_argument
         self._key = next(_KEYS)
         # Counts the compiled path's stashes; a tensor, so the graph can declare its mutation.
-        self._token = torch.zeros((), dtype=torch.int64, device=module.weight.device)
+        device = next(module.parameters()).device
+        self._token = torch.zeros((), dtype=torch.int64, device=device)
         _CAPTURES[self._key] = self
-        self._handle: RemovableHandle = module.register_forward_hook(self._forward_hook)
+        self._handle: RemovableHandle = module.register_forward_hook(self._forward_hook, with_kwargs=True)
 
-    def _forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-        if not isinstance(output, Tensor) or not output.requires_grad or _inside_functorch():
+    def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        # A module returning a tuple (nn.MultiheadAttention) is captured at its first element.
+        out = output[0] if isinstance(output, tuple) else output
+        if not isinstance(out, Tensor) or not out.requires_grad or _inside_functorch():
             return None
         if torch.compiler.is_compiling():
-            return _Capture.apply(output, args[0].detach(), self._token, self._key)
+            captured = _Capture.apply(out, args[0].detach(), self._token, self._key)
+            return (captured, *output[1:]) if isinstance(output, tuple) else captured
         # The batch shape is needed on every step (the ``batch`` scaling reads N), the tensors only
         # when statistics are due. Both are taken when the gradient arrives, so a forward that is
         # never backpropagated (a metric computed with grad enabled) changes nothing.
-        shape = args[0].shape
-        inputs = args[0].detach() if self.enabled else None
+        x, record = self._read_call(args, kwargs)
+        shape = x.shape
+        inputs = x.detach() if self.enabled else None
 
         def keep_grad(grad: Tensor) -> None:
-            self._receive(shape, inputs, grad, copy=False)
+            self._receive(shape, inputs, grad, copy=False, record=record)
 
-        output.register_hook(keep_grad)
+        out.register_hook(keep_grad)
         return None
 
-    def _receive(self, shape: torch.Size, inputs: Tensor | None, grad: Tensor, *, copy: bool) -> None:
+    def _receive(self, shape: torch.Size, inputs: Tensor | None, grad: Tensor, *, copy: bool,
+                 record: Any = None) -> None:
         """One completed pair. ``copy``: the tensors belong to a compiled graph, which may reuse
         their memory once the stash op returns."""
         self.input_shape = shape
@@ -140,17 +157,20 @@ class LayerCapture:
         if self.curvature_pass:
             if self.inputs is None:
                 self.inputs = inputs.detach().clone() if copy else inputs
+                self.record = record
             self.curvature_grads.append(grad.detach().clone() if copy else grad.detach())
             return
         if self.keep_loss_grads:
             self.inputs = inputs.detach().clone() if copy else inputs
             self.grad_output = grad.detach().clone() if copy else grad.detach()
+            self.record = record
         self.completed += 1
 
     def clear(self) -> None:
         self.inputs = None
         self.grad_output = None
         self.curvature_grads = []
+        self.record = None
         self.completed = 0
 
     def remove(self) -> None:

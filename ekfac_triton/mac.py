@@ -1,16 +1,19 @@
 """``MAC``: the mean-activation-curvature optimizer (Seung, Lee & Ko, ICDM 2025) with the official
-defaults, and its optional dense first layer. The maths is in :mod:`ekfac_triton.curvature.mac`."""
+defaults, its optional dense first layer and its attention preconditioning. The maths is in :mod:`ekfac_triton.curvature.mac`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .curvature import LayerShape
+from .distributed import unwrap_model
+from .layers import AttentionSpec, FusedQKVAdapter, MultiheadAttentionOutputAdapter
 from .optimizer import EKFAC
-from .preconditioner import PreconditionedLayer
+from .preconditioner import PreconditionedLayer, Preconditioner
 
 FIRST_LAYER = ("mac", "dense")
 
@@ -63,6 +66,68 @@ def dense_first_layer_inverse(model: nn.Module, layer: PreconditionedLayer, data
     return torch.linalg.inv(total + damping * eye)
 
 
+def attention_specs(attention_layers: Mapping[str, Any] | None) -> dict[str, AttentionSpec]:
+    """``attention_layers`` as ``{name: AttentionSpec}`` (see :class:`MAC`), validated."""
+    if attention_layers is None:
+        return {}
+    if not isinstance(attention_layers, Mapping):
+        raise ValueError(f"Invalid attention_layers={attention_layers!r}: must be None or a dict "
+                         "{module name: num_heads | AttentionSpec | {'num_heads': ..., 'causal': ...}}")
+    specs = {}
+    for name, spec in attention_layers.items():
+        try:
+            if isinstance(spec, AttentionSpec):
+                specs[name] = spec
+            elif isinstance(spec, Mapping):
+                unknown = set(spec) - {"num_heads", "causal"}
+                if unknown or "num_heads" not in spec:
+                    raise ValueError(f"Invalid attention_layers[{name!r}]={spec!r}: expected keys 'num_heads' and "
+                                     "optionally 'causal'")
+                specs[name] = AttentionSpec(**spec)
+            else:
+                specs[name] = AttentionSpec(num_heads=spec)
+        except ValueError as err:
+            raise ValueError(f"Invalid attention_layers[{name!r}]: {err}") from None
+    return specs
+
+
+def mark_attention_layers(pre: Preconditioner, model: nn.Module, specs: dict[str, AttentionSpec]) -> None:
+    """Turn the named preconditioned ``nn.Linear`` layers into fused q/k/v attention layers (new
+    adapter and attention curvature; the capture on the module stays); check named
+    ``nn.MultiheadAttention`` modules against their spec."""
+    modules = dict(model.named_modules())
+    layers = {layer.name: layer for layer in pre.layers}
+    for name, spec in specs.items():
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(f"Invalid attention_layers: the model has no module named {name!r}")
+        if isinstance(module, nn.MultiheadAttention):
+            if spec.num_heads != module.num_heads or spec.causal:
+                raise ValueError(f"Invalid attention_layers[{name!r}]={spec}: nn.MultiheadAttention {name!r} has "
+                                 f"num_heads={module.num_heads}, and its masks come from each call (no 'causal')")
+            if name not in layers:
+                reason = pre.unsupported.get(name, "it is not among the optimizer's parameters")
+                raise ValueError(f"Invalid attention_layers: {name!r} is not preconditioned ({reason})")
+            continue
+        if type(module) is not nn.Linear:
+            raise ValueError(f"Invalid attention_layers: {name!r} is a {type(module).__name__}; a fused q/k/v "
+                             "attention layer must be an nn.Linear (or name an nn.MultiheadAttention)")
+        if name not in layers:
+            raise ValueError(f"Invalid attention_layers: nn.Linear {name!r} is not preconditioned "
+                             f"({pre.unsupported.get(name, 'it is not among the optimizer parameters')})")
+        layer = layers[name]
+        try:
+            adapter = FusedQKVAdapter(module, spec)
+        except ValueError as err:
+            raise ValueError(f"Invalid attention_layers[{name!r}]: {err}") from None
+        old = layer.curvature
+        shape = LayerShape(d_out=adapter.d_out, d_in=adapter.d_in, bias=adapter.has_bias,
+                           value_rows=adapter.value_rows)
+        curv = type(old)(shape, old.mean_ema.dtype, old.mean_ema.device)
+        curv.backend = old.backend
+        layer.adapter, layer.curvature = adapter, curv
+
+
 class MAC(EKFAC):
     """MAC: :class:`EKFAC`'s engine with ``curvature="mac"`` and the official defaults (CIFAR
     scripts): lr 0.1, ρ = ``damping`` 1.0, statistic decay 0.95, statistics every 5 steps, refresh
@@ -83,22 +148,35 @@ class MAC(EKFAC):
             at that layer), never refreshed. Costs a d_in̄ x d_in̄ matrix for that layer.
         first_layer_data: an iterable of inputs or ``(inputs, ...)`` batches (required with
             ``first_layer="dense"``).
-        attention_layers: not implemented in this version (MAC's attention-score preconditioning
-            of Q/K/V rows); passing anything but None raises ``NotImplementedError``.
+        attention_layers: fused q/k/v projections to precondition as attention (DESIGN §5), as
+            ``{module name: spec}`` with spec the number of heads, an :class:`AttentionSpec`
+            (``num_heads``, ``causal``) or a dict with those keys; e.g.
+            ``{"blocks.0.attn.qkv": 4}`` or ``{"h.0.attn.c_attn": {"num_heads": 12, "causal": True}}``.
+            Each named module must be a preconditioned ``nn.Linear`` whose output columns are
+            ``[q | k | v]`` (E = out_features / 3 each, heads contiguous chunks of E / num_heads),
+            called on (B, T, d) inputs. Its query and key rows use R (m̂); its value rows use
+            ``R_v = I − v̂v̂ᵀ/(ρ + ‖v̂‖²)``, v̂ the bias-corrected EMA of ``v = X̄ᵀ p̄`` (X̄[j] the
+            batch mean of x̃ at token j, p̄[j] the mean over examples, heads and queries of the
+            attention probability of key j; causal: keys j <= i only). ``nn.MultiheadAttention``
+            modules used as self-attention are preconditioned this way without being named (their
+            masks are read from each call; ``out_proj`` gets plain MAC); naming one is allowed with
+            its own ``num_heads`` and no ``causal``. Extra cost per attention layer: on statistics
+            steps only, one recompute of the B·H·T² attention probabilities from the captured input
+            (two for ``nn.MultiheadAttention``: its ``out_proj`` rows are the attention output),
+            held at most :data:`ekfac_triton.layers.attention.CHUNK_ELEMENTS` at a time; memory: one
+            more d_in̄ vector pair.
         **kwargs: other :class:`EKFAC` arguments (``backend``, ``params``, ...).
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.1, damping: float = 1.0, momentum: float = 0.9,
                  weight_decay: float = 5e-4, factor_decay: float = 0.95, factor_every: int = 5,
                  eigen_every: int = 50, decoupled_weight_decay: bool = False, first_layer: str = "mac",
-                 first_layer_data: Iterable[Any] | None = None, attention_layers: Any = None,
+                 first_layer_data: Iterable[Any] | None = None,
+                 attention_layers: Mapping[str, int | AttentionSpec | Mapping[str, Any]] | None = None,
                  **kwargs: Any) -> None:
         if kwargs.setdefault("curvature", "mac") != "mac":
             raise ValueError(f"Invalid curvature={kwargs['curvature']!r}: MAC is curvature='mac'")
-        if attention_layers is not None:
-            raise NotImplementedError("attention_layers: MAC's attention preconditioning (R_v from attention "
-                                      "scores) is not implemented in this version; attention projections that are "
-                                      "nn.Linear get plain MAC, nn.MultiheadAttention's in_proj the plain update")
+        specs = attention_specs(attention_layers)
         if first_layer not in FIRST_LAYER:
             raise ValueError(f"Invalid first_layer={first_layer!r}: must be one of {FIRST_LAYER}")
         if first_layer == "dense" and first_layer_data is None:
@@ -108,8 +186,12 @@ class MAC(EKFAC):
         super().__init__(model, lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
                          factor_decay=factor_decay, factor_every=factor_every, eigen_every=eigen_every,
                          decoupled_weight_decay=decoupled_weight_decay, **kwargs)
+        mark_attention_layers(self.preconditioner, unwrap_model(model), specs)
         if first_layer == "dense":
             layer = self.preconditioner.layers[0]
+            if layer.curvature.shape.value_rows is not None or isinstance(layer.adapter, MultiheadAttentionOutputAdapter):
+                raise ValueError(f"Invalid first_layer='dense': the first preconditioned layer {layer.name!r} is an "
+                                 "attention layer")
             curv = layer.curvature
             inverse = dense_first_layer_inverse(model, layer, first_layer_data, damping, curv.mean_ema.dtype)
             curv.set_dense_inverse(inverse)

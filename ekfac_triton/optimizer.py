@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .config import check_group
 from . import ops
 from .distributed import unwrap_model
+from .layers import weight_and_bias
 from .preconditioner import PreconditionedLayer, Preconditioner, kl_clip_scale
 
 
@@ -151,11 +152,10 @@ class EKFAC(torch.optim.Optimizer):
         group_of = {p: i for i, group in enumerate(self.param_groups) for p in group["params"]}
         owned = []
         for name, module in unwrap_model(model).named_modules():
-            weight = getattr(module, "weight", None)
-            if not isinstance(weight, Tensor) or weight not in group_of:
+            weight, bias = weight_and_bias(module)
+            if weight is None or weight not in group_of:
                 continue
-            bias = getattr(module, "bias", None)
-            if isinstance(bias, Tensor) and bias.requires_grad and group_of.get(bias) != group_of[weight]:
+            if bias is not None and bias.requires_grad and group_of.get(bias) != group_of[weight]:
                 raise ValueError(f"Invalid params: the weight and bias of module {name!r} must be in the same "
                                  "parameter group (they are preconditioned together)")
             owned.append(module)
@@ -290,19 +290,28 @@ class EKFAC(torch.optim.Optimizer):
         return bool(getattr(layer.curvature, "fusable", False))
 
     def _fused_update(self, layer: PreconditionedLayer, group: dict[str, Any]) -> None:
-        """MAC's preconditioning, weight decay, momentum and update in one kernel per layer."""
+        """MAC's preconditioning, weight decay, momentum and update in one kernel launch per block
+        of rows with its own vector (one block; an attention layer's value rows are a second)."""
         a, curv = layer.adapter, layer.curvature
         has_m = group["momentum"] != 0
-        bias, bias_grad, mean = a.bias, None, curv.mean
-        if bias is not None and bias.grad is None:  # as unfused: a bias without gradient stays
-            bias, mean = None, mean[: a.d_in]
+        weight_buffer = self._momentum_buffer(a.weight) if has_m else None
+        bias, bias_grad, bias_buffer = a.bias, None, None
+        drop_bias = bias is not None and bias.grad is None  # as unfused: a bias without gradient stays
+        if drop_bias:
+            bias = None
         elif bias is not None:
             bias_grad = bias.grad
-        ops.mac_update(a.weight, a.weight.grad, self._momentum_buffer(a.weight) if has_m else None,
-                       bias, bias_grad, self._momentum_buffer(bias) if has_m and bias is not None else None,
-                       mean, curv.sq_norm, damping=group["damping"], lr=group["lr"],
-                       momentum=group["momentum"], weight_decay=group["weight_decay"],
-                       decoupled=self.decoupled_weight_decay, backend=self._preconditioner.backend)
+            bias_buffer = self._momentum_buffer(bias) if has_m else None
+
+        def rows_of(t: Tensor | None, rows: slice) -> Tensor | None:
+            return None if t is None else t[rows]  # contiguous row blocks: views, updated in place
+
+        for rows, mean, sq_norm in curv.row_blocks():
+            ops.mac_update(a.weight[rows], a.weight.grad[rows], rows_of(weight_buffer, rows), rows_of(bias, rows),
+                           rows_of(bias_grad, rows), rows_of(bias_buffer, rows),
+                           mean[: a.d_in] if drop_bias else mean, sq_norm, damping=group["damping"],
+                           lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
+                           decoupled=self.decoupled_weight_decay, backend=self._preconditioner.backend)
 
     def _momentum_buffer(self, p: Tensor) -> Tensor:
         state = self.state[p]

@@ -78,7 +78,10 @@ class Preconditioner:
 
     Args:
         model: the module whose ``nn.Linear``, ``nn.Conv2d`` (groups=1, zero padding) and
-            ``nn.Embedding`` (no max_norm, not sparse) submodules are preconditioned; hooks are registered on them (:meth:`remove_hooks`).
+            ``nn.Embedding`` (no max_norm, not sparse; not with ``curvature="mac"``) submodules
+            are preconditioned (with ``curvature="mac"`` also depthwise convolutions and
+            self-attention ``nn.MultiheadAttention``); hooks are registered on them
+            (:meth:`remove_hooks`).
         damping: λ added to the scaling, > 0.
         curvature: ``"ekfac"``, ``"kfac"``, ``"tekfac"`` or ``"mac"`` (see
             :mod:`ekfac_triton.curvature.mac`: there ``damping`` is ρ and the direction is
@@ -187,26 +190,29 @@ class Preconditioner:
         self.layers: list[PreconditionedLayer] = []
         self.unsupported: dict[str, str] = {}
         wanted = None if modules is None else {id(m) for m in modules}
+        parents = {id(child): parent for parent in model.modules() for child in parent.children()}
         for name, module in model.named_modules():
             if wanted is not None and id(module) not in wanted:
                 continue
-            cls, reason = adapter_for(module, inputs_only=CURVATURES[curvature].inputs_only)
+            cls, reason = adapter_for(module, inputs_only=CURVATURES[curvature].inputs_only,
+                                      parent=parents.get(id(module)))
             if cls is None:
                 continue
             if reason is not None:
                 self.unsupported[name] = reason
                 continue
-            if not module.weight.requires_grad:
+            adapter = cls(module)
+            if not adapter.weight.requires_grad:
                 self.unsupported[name] = "the weight is frozen (requires_grad=False)"
                 continue
-            adapter = cls(module)
             shape = LayerShape(d_out=adapter.d_out, d_in=adapter.d_in, bias=adapter.has_bias,
-                               one_hot=adapter.one_hot_inputs)
+                               one_hot=adapter.one_hot_inputs, value_rows=adapter.value_rows)
             kwargs = {"effective_damping": effective_damping} if curvature == "tekfac" else {}
             dtype = factor_dtype or _factor_dtype(adapter.weight)
             curv = CURVATURES[curvature](shape, dtype, adapter.weight.device, scaling, **kwargs)
             curv.basis_dtype = basis_dtype
-            self.layers.append(PreconditionedLayer(name or type(module).__name__, adapter, LayerCapture(module), curv))
+            capture = LayerCapture(adapter.hooked_module, adapter.read_call)
+            self.layers.append(PreconditionedLayer(name or type(module).__name__, adapter, capture, curv))
         if not self.layers:
             detail = f" (unsupported: {self.unsupported})" if self.unsupported else ""
             raise ValueError("Invalid model: it has no supported layer to precondition "
@@ -354,7 +360,7 @@ class Preconditioner:
             if unscale is not None and grad_output is not None:
                 # in float32 at least: fp16 would overflow (times N) or underflow
                 grad_output = grad_output.to(torch.promote_types(grad_output.dtype, torch.float32)) * unscale
-            batches[layer] = layer.adapter.batch(cap.inputs, grad_output)
+            batches[layer] = layer.adapter.batch(cap.inputs, grad_output, cap.record)
         return batches
 
     def _curvature_batch(self, layer: PreconditionedLayer) -> LayerBatch:

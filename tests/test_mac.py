@@ -336,8 +336,8 @@ def test_other_grouped_conv_is_refused_clearly():
 
 
 def test_bad_mac_arguments_raise():
-    with pytest.raises(NotImplementedError, match="attention_layers"):
-        MAC(mlp(), attention_layers={"0": 2})
+    with pytest.raises(ValueError, match="attention_layers.*not divisible by 3"):
+        MAC(mlp(), attention_layers={"0": 2})  # more in test_mac_attention.py
     with pytest.raises(ValueError, match="first_layer="):
         MAC(mlp(), first_layer="sparse")
     with pytest.raises(ValueError, match="first_layer_data"):

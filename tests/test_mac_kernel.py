@@ -106,6 +106,59 @@ def test_optimizer_fused_path_interpret():
         assert_close(q, p, 1e-5, 1e-5, "fused vs torch backend")
 
 
+class _AttentionNet(nn.Module):
+    """An nn.MultiheadAttention (causal mask) and a fused q/k/v nn.Linear (no bias) in one model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, 12)
+        self.attn = nn.MultiheadAttention(12, 3, batch_first=True)
+        self.qkv = nn.Linear(12, 36, bias=False)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        t = h.shape[1]
+        y, _ = self.attn(h, h, h, attn_mask=torch.ones(t, t, dtype=torch.bool).triu(1), is_causal=True)
+        q, k, v = (z.unflatten(-1, (3, 4)).transpose(1, 2) for z in self.qkv(h + y).split(12, dim=-1))
+        o = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+        return self.head(torch.tanh(h + o))
+
+
+def _attention_runs(backends, device, steps=6):
+    """Train _AttentionNet with MAC per backend (fused update per row block on "triton")."""
+    from ekfac_triton import MAC
+
+    torch.manual_seed(0)
+    model = _AttentionNet().to(device)
+    finals = []
+    for backend in backends:
+        mdl = copy.deepcopy(model)
+        opt = MAC(mdl, lr=0.05, factor_every=2, eigen_every=3, attention_layers={"qkv": {"num_heads": 3,
+                                                                                          "causal": True}})
+        opt.preconditioner.backend = backend  # "triton" is what resolve_backend gives on CUDA
+        for layer in opt.preconditioner.layers:
+            layer.curvature.backend = backend
+        g = torch.Generator().manual_seed(1)
+        for _ in range(steps):
+            x, y = torch.randn(4, 7, 5, generator=g).to(device), torch.randint(0, 3, (4, 7), generator=g).to(device)
+            opt.zero_grad()
+            nn.functional.cross_entropy(mdl(x).flatten(0, 1), y.flatten()).backward()
+            opt.step()
+        finals.append(mdl)
+    return finals
+
+
+@pytest.mark.interpret
+@needs_interpreter
+def test_optimizer_fused_path_attention_interpret():
+    """Attention layers: the value rows and the query/key rows launch with their own vectors and
+    the result tracks the torch backend (fp32)."""
+    torch_run, fused_run = _attention_runs(("torch", "triton"), "cpu")
+    for p, q in zip(torch_run.parameters(), fused_run.parameters()):
+        assert_close(q, p, 1e-5, 1e-5, "fused vs torch backend (attention)")
+
+
 # -- CPU without the interpreter: the op's schema, fake kernel and argument checks ----------------------
 @pytest.mark.skipif(INTERPRET, reason="checks the reference path")
 def test_mac_update_opcheck_and_validation():
@@ -158,3 +211,11 @@ def test_mac_optimizer_triton_follows_torch_cuda():
         finals[backend] = torch.cat([p.detach().flatten() for p in model.parameters()])
     diff = (finals["triton"] - finals["torch"]).norm() / finals["torch"].norm()
     assert diff < 1e-4, f"relative parameter difference after 20 steps: {diff:.3g}"
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_mac_attention_triton_follows_torch_cuda():
+    torch_run, fused_run = _attention_runs(("torch", "triton"), "cuda", steps=10)
+    for p, q in zip(torch_run.parameters(), fused_run.parameters()):
+        assert_close(q, p, 1e-4, 1e-4, "fused vs torch backend (attention, CUDA)")

@@ -61,6 +61,8 @@ class LayerShape:
     d_in: int
     bias: bool
     one_hot: bool = False
+    #: attention layers (MAC): the value-projection rows ``[start, stop)`` of the weight
+    value_rows: tuple[int, int] | None = None
 
     @property
     def d_in_bar(self) -> int:

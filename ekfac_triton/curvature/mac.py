@@ -13,6 +13,14 @@ depthwise Conv2d: per example, channel and position). The statistic is updated e
 refresh period, there is no eigendecomposition) snapshots m̂ and ‖m̂‖², which the steps in between
 apply. Memory per layer: two d_in̄ vectors. ρ is the ``damping`` argument.
 
+Attention layers (``shape.value_rows`` set: ``nn.MultiheadAttention``'s in-projection, a marked
+fused q/k/v ``nn.Linear``): the query and key rows use R as above; the value rows
+``[start, stop)`` use ``R_v = I − v̂ v̂ᵀ / (ρ + ‖v̂‖²)``, v̂ the bias-corrected EMA (same decay,
+count and schedule as m̂) of the attention-weighted token mean ``v = X̄ᵀ p̄``: X̄[j] the batch mean
+of x̃ at token j, p̄[j] the mean over examples, heads and queries of the attention probability of
+key j (the adapter's ``LayerBatch.token_weights``; masked entries 0, so Σ_j p̄_j = 1 and v's bias
+entry is 1). One more d_in̄ vector pair per attention layer.
+
 An optional fixed dense inverse (``first_layer="dense"`` of :class:`~ekfac_triton.MAC`) replaces
 R by ``(C + ρI)⁻¹`` (no ρ factor, never refreshed), C the mean of x̃x̃ᵀ over a pass of data.
 """
@@ -49,6 +57,11 @@ class MACCurvature(Curvature):
         self.mean: Tensor | None = None          # m̂ at the last refresh
         self.sq_norm: Tensor | None = None       # ‖m̂‖² at the last refresh (0-dim: no host sync)
         self.dense_inverse: Tensor | None = None  # the optional fixed (C + ρI)⁻¹
+        # attention layers: the same three for v = X̄ᵀ p̄, applied to the value rows
+        self.value_rows = shape.value_rows
+        self.value_ema = None if self.value_rows is None else torch.zeros_like(self.mean_ema)
+        self.value_mean: Tensor | None = None
+        self.value_sq_norm: Tensor | None = None
         self.factor_updates = 0
         self.refreshes = 0
 
@@ -70,9 +83,24 @@ class MACCurvature(Curvature):
         self.mean_ema[:d_in].mul_(beta).add_(row_mean, alpha=alpha)
         if self.shape.bias:
             self.mean_ema[d_in:].mul_(beta).add_(alpha)
+        if self.value_ema is not None:
+            self._update_value(batch, beta, alpha)
+
+    def _update_value(self, batch: LayerBatch, beta: float, alpha: float) -> None:
+        """``v̂ <- β' v̂ + α v_t``, ``v_t = X̄ᵀ p̄`` (X̄ the (R, d_in) batch mean per token)."""
+        p = batch.token_weights
+        if p is None:
+            raise ValueError("an attention layer's batch has no attention weights (token_weights)")
+        dtype = self.value_ema.dtype
+        p = p.to(dtype)
+        token_mean = batch.a.mean(dim=0, dtype=dtype)            # X̄ without the bias column
+        d_in = self.shape.d_in
+        self.value_ema[:d_in].mul_(beta).add_(token_mean.T @ p, alpha=alpha)
+        if self.shape.bias:  # X̄'s bias column is 1: that entry of v is Σ_j p̄_j
+            self.value_ema[d_in:].mul_(beta).add_(p.sum(), alpha=alpha)
 
     def statistics(self) -> tuple[Tensor, ...]:
-        return (self.mean_ema,)
+        return (self.mean_ema,) if self.value_ema is None else (self.mean_ema, self.value_ema)
 
     # -- refresh ----------------------------------------------------------------------------------
     def refresh_due(self, engine: EigenEngine, index: int, step: int) -> bool:
@@ -85,14 +113,33 @@ class MACCurvature(Curvature):
         self.refreshes += 1
         self.mean = self.mean_ema.clone()
         self.sq_norm = self.mean.dot(self.mean)
+        if self.value_ema is not None:
+            self.value_mean = self.value_ema.clone()
+            self.value_sq_norm = self.value_mean.dot(self.value_mean)
         return None
+
+    def row_blocks(self) -> list[tuple[slice, Tensor, Tensor]]:
+        """``(rows, vector, ‖vector‖²)`` covering the rows of the gradient matrix: all rows with
+        m̂, or for an attention layer the value rows with v̂ and the others with m̂."""
+        d_out = self.shape.d_out
+        if self.value_rows is None:
+            return [(slice(0, d_out), self.mean, self.sq_norm)]
+        start, stop = self.value_rows
+        blocks = [(slice(0, start), self.mean, self.sq_norm),
+                  (slice(start, stop), self.value_mean, self.value_sq_norm),
+                  (slice(stop, d_out), self.mean, self.sq_norm)]
+        return [b for b in blocks if b[0].stop > b[0].start]
 
     # -- the direction ----------------------------------------------------------------------------
     def precondition(self, grad: Tensor, damping: float, num_examples: int, decay: float) -> Tensor:
         """``D = G − (G m̂) m̂ᵀ / (ρ + ‖m̂‖²)`` (or ``G (C + ρI)⁻¹`` with a dense inverse)."""
         if self.dense_inverse is not None:
             return grad.to(self.dense_inverse.dtype) @ self.dense_inverse
-        return mac_precondition_reference(grad.to(self.mean.dtype), self.mean, self.sq_norm, damping)
+        grad = grad.to(self.mean.dtype)
+        if self.value_rows is None:
+            return mac_precondition_reference(grad, self.mean, self.sq_norm, damping)
+        return torch.cat([mac_precondition_reference(grad[rows], vec, sq, damping)
+                          for rows, vec, sq in self.row_blocks()])
 
     @property
     def fusable(self) -> bool:
@@ -102,12 +149,14 @@ class MACCurvature(Curvature):
     def set_dense_inverse(self, inverse: Tensor) -> None:
         """Use the fixed ``(d_in̄, d_in̄)`` matrix ``inverse`` instead of MAC's R (first layer)."""
         d = self.shape.d_in_bar
+        if self.value_rows is not None:
+            raise ValueError("an attention layer cannot use a dense first-layer inverse")
         if inverse.shape != (d, d):
             raise ValueError(f"dense inverse must be ({d}, {d}), got {tuple(inverse.shape)}")
         self.dense_inverse = inverse.to(dtype=self.mean_ema.dtype, device=self.mean_ema.device)
 
     # -- serialisation ----------------------------------------------------------------------------
-    _TENSORS = ("mean_ema", "mean", "sq_norm", "dense_inverse")
+    _TENSORS = ("mean_ema", "mean", "sq_norm", "dense_inverse", "value_ema", "value_mean", "value_sq_norm")
     _COUNTS = ("factor_updates", "refreshes")
 
     def state_dict(self) -> dict[str, Any]:
@@ -120,8 +169,11 @@ class MACCurvature(Curvature):
         if state.get("curvature") != self.name:
             raise ValueError(f"state is for curvature {state.get('curvature')!r}, this layer uses {self.name!r}")
         device, dtype = self.mean_ema.device, self.mean_ema.dtype
+        if (state.get("value_ema") is None) != (self.value_ema is None):
+            raise ValueError("state is for a layer with" + (" no" if self.value_ema is not None else "") +
+                             " attention statistics; this layer differs (attention_layers must match)")
         for k in self._TENSORS:
-            value = state[k]
+            value = state.get(k)  # the value_* entries are absent in states saved before attention support
             setattr(self, k, None if value is None else value.to(device=device, dtype=dtype, copy=True))
         for k in self._COUNTS:
             setattr(self, k, int(state[k]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,11 +27,15 @@ class LayerBatch:
             the type-2 columns otherwise (:mod:`ekfac_triton.fisher`); the statistics treat the
             (draw, example) pairs as M·N examples that share their inputs ā.
         draws: M.
+        token_weights: (R,) attention layers only (MAC, DESIGN §5): p̄, the mean over examples,
+            heads and queries of the attention probabilities of each position (token) as a key;
+            None for other layers.
     """
 
     a: Tensor
     g: Tensor | None
     draws: int = 1
+    token_weights: Tensor | None = None
 
     @property
     def num_examples(self) -> int:
@@ -81,6 +86,20 @@ class LayerAdapter(ABC):
     #: is then (N, R) integer tokens, -1 for a zero row, and the curvature works in its one-hot mode
     one_hot_inputs: bool = False
 
+    #: attention layers (MAC): the rows ``[start, stop)`` of the weight that project the values
+    #: and get MAC's R_v; None for other layers
+    value_rows: tuple[int, int] | None = None
+
+    @property
+    def hooked_module(self) -> nn.Module:
+        """The module whose calls are captured (``module``, unless its input lives elsewhere)."""
+        return self.module
+
+    def read_call(self, args: tuple, kwargs: dict) -> tuple[Tensor, Any]:
+        """The input tensor whose rows are captured from one call of :attr:`hooked_module`, and
+        whatever else the adapter needs of that call (passed back to :meth:`batch` as ``record``)."""
+        return args[0], None
+
     def num_examples(self, input_shape: torch.Size) -> int:
         """N, the number of examples in a call with inputs of this shape."""
         return input_shape[0] if len(input_shape) > self.example_dims else 1
@@ -90,9 +109,10 @@ class LayerAdapter(ABC):
         return self.batch(inputs, None).a
 
     @abstractmethod
-    def batch(self, inputs: Tensor, grad_output: Tensor | None) -> LayerBatch:
+    def batch(self, inputs: Tensor, grad_output: Tensor | None, record: Any = None) -> LayerBatch:
         """Per-position ā and ĝ from the module's input and the gradient of the mean loss wrt its
-        output (``grad_output=None``: the rows ā alone, ``g`` None)."""
+        output (``grad_output=None``: the rows ā alone, ``g`` None); ``record``: what
+        :meth:`read_call` returned for that call."""
 
     @abstractmethod
     def output_rows(self, grad_output: Tensor, n: int) -> Tensor:

@@ -3,6 +3,8 @@ position sharing the weight; the patch columns follow ``W.reshape(d_out, -1)``'s
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -57,7 +59,7 @@ class Conv2dAdapter(LayerAdapter):
         else:
             self.padding = tuple(module.padding)
 
-    def batch(self, inputs: Tensor, grad_output: Tensor | None) -> LayerBatch:
+    def batch(self, inputs: Tensor, grad_output: Tensor | None, record: Any = None) -> LayerBatch:
         m = self.module
         if inputs.dim() == 3:  # an unbatched call is one example
             inputs = inputs[None]

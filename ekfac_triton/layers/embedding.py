@@ -12,6 +12,8 @@ is reported and gets the plain update (``sparse=True`` gradients are then refuse
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from .base import LayerAdapter, LayerBatch
@@ -45,7 +47,7 @@ class EmbeddingAdapter(LayerAdapter):
     def d_in(self) -> int:
         return self.weight.shape[0]
 
-    def batch(self, inputs: Tensor, grad_output: Tensor | None) -> LayerBatch:
+    def batch(self, inputs: Tensor, grad_output: Tensor | None, record: Any = None) -> LayerBatch:
         if inputs.dim() == 0:  # one token: one example
             inputs = inputs[None]
             grad_output = None if grad_output is None else grad_output[None]

@@ -3,6 +3,8 @@ the example, every further leading dimension a shared position (K-FAC-expand).""
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from .base import LayerAdapter, LayerBatch
@@ -19,7 +21,7 @@ class LinearAdapter(LayerAdapter):
     def unsupported_reason(module: nn.Module, inputs_only: bool = False) -> str | None:
         return None
 
-    def batch(self, inputs: Tensor, grad_output: Tensor | None) -> LayerBatch:
+    def batch(self, inputs: Tensor, grad_output: Tensor | None, record: Any = None) -> LayerBatch:
         if inputs.dim() == 1:  # an unbatched call is one example
             inputs = inputs[None]
             grad_output = None if grad_output is None else grad_output[None]

@@ -141,6 +141,9 @@ class EigenbasisCurvature(Curvature):
 
     #: dtype of the bases, eigenvalues and scaling (None: the factors'); the preconditioner sets it
     basis_dtype: torch.dtype | None = None
+    #: copy a new basis, eigenvalues and scaling into the existing tensors instead of replacing
+    #: them (set by the CUDA-graph compiled step, whose graphs read them at fixed addresses)
+    install_in_place: bool = False
 
     _TENSORS = ("in_factor", "out_factor", "in_eigenvalues", "out_eigenvalues", "q_in", "q_out", "scaling")
     _COUNTS = ("factor_updates", "scaling_updates")
@@ -168,14 +171,23 @@ class EigenbasisCurvature(Curvature):
     def update_factors(self, batch: LayerBatch, decay: float) -> None:
         """EMA update of both factors from one batch (K-FAC-expand normalisation, DESIGN §1):
         ``in += 1/(N·R) Σ_ns w_in ā āᵀ``, ``out += 1/N Σ_ns w_out ĝ ĝᵀ``."""
-        self.factor_updates += 1
-        beta, alpha = ema_weights(decay, self.factor_updates)
+        beta, alpha = self.next_factor_weights(decay)
         n, r = batch.num_examples, batch.num_positions
         w_in, w_out = self._factor_weights(batch)
         ops.factor_update(self.in_factor, batch.a, alpha=alpha / (n * r), beta=beta,
                           bias=self.shape.bias, weights=w_in, backend=self.backend)
         ops.factor_update(self.out_factor, batch.g, alpha=alpha / n, beta=beta, bias=False, weights=w_out,
                           backend=self.backend)
+
+    def next_factor_weights(self, decay: float) -> tuple[float, float]:
+        """Count one factor update; its EMA weights ``(beta, alpha)`` (:func:`ema_weights`)."""
+        self.factor_updates += 1
+        return ema_weights(decay, self.factor_updates)
+
+    def next_scaling_weights(self, decay: float) -> tuple[float, float]:
+        """Count one update of the estimated scaling S; its EMA weights ``(beta, alpha)``."""
+        self.scaling_updates += 1
+        return ema_weights(decay, self.scaling_updates)
 
     @property
     def has_statistics(self) -> bool:
@@ -239,10 +251,19 @@ class EigenbasisCurvature(Curvature):
 
     def _set_basis(self, e_in: Eigh, e_out: Eigh) -> None:
         dtype = self._basis_dtype()
-        self.q_in, self.in_eigenvalues = e_in.vectors.to(dtype), e_in.values.to(dtype)
-        self.q_out, self.out_eigenvalues = e_out.vectors.to(dtype), e_out.values.to(dtype)
-        self.scaling = self.eigenvalue_products()
+        self._put("q_in", e_in.vectors.to(dtype))
+        self._put("in_eigenvalues", e_in.values.to(dtype))
+        self._put("q_out", e_out.vectors.to(dtype))
+        self._put("out_eigenvalues", e_out.values.to(dtype))
+        self._put("scaling", self.eigenvalue_products())
         self.scaling_updates = 0
+
+    def _put(self, name: str, value: Tensor) -> None:
+        old = getattr(self, name)
+        if self.install_in_place and old is not None and old.shape == value.shape:
+            old.copy_(value)  # CUDA graphs read these tensors at fixed addresses
+        else:
+            setattr(self, name, value)
 
     def eigenvalue_products(self) -> Tensor:
         """K-FAC's scaling ``λ_out λ_inᵀ`` (eigenvalues clamped at 0: the factors are PSD)."""
@@ -254,8 +275,7 @@ class EigenbasisCurvature(Curvature):
         ``per_position`` modes; the ``batch`` mode updates S inside :meth:`precondition`)."""
         if not self.estimates_scaling or self.scaling_mode == "batch":
             return
-        self.scaling_updates += 1
-        beta, alpha = ema_weights(decay, self.scaling_updates)
+        beta, alpha = self.next_scaling_weights(decay)
         n = batch.num_examples
         g, a = batch.g, batch.a
         if self.scaling_mode == "per_position":  # positions as examples: an approximation
@@ -277,8 +297,7 @@ class EigenbasisCurvature(Curvature):
         """
         batch_update = None
         if self.estimates_scaling and self.scaling_mode == "batch":
-            self.scaling_updates += 1
-            beta, alpha = ema_weights(decay, self.scaling_updates)
+            beta, alpha = self.next_scaling_weights(decay)
             batch_update = (beta, alpha, num_examples)
         direction = ops.precondition(grad.to(self.q_in.dtype), self.q_out, self.q_in, self.scaling,
                                      self.damping_for(damping), batch_update=batch_update, backend=self.backend)

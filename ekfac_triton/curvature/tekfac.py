@@ -14,6 +14,13 @@ from ..layers import LayerBatch
 from .base import EigenbasisCurvature, LayerShape
 
 
+def trace_weights(a: Tensor, g: Tensor, dtype: torch.dtype, bias: bool) -> tuple[Tensor, Tensor]:
+    """Row weights ``(‖ĝ_ns‖², ‖ā_ns‖²)`` of Φ and Ψ (the bias input 1 included in ‖ā‖²)."""
+    a_sq = a.to(dtype).square().sum(-1) + float(bias)
+    g_sq = g.to(dtype).square().sum(-1)
+    return g_sq, a_sq
+
+
 class TEKFACCurvature(EigenbasisCurvature):
     """Trace-weighted factors, EKFAC's scaling in their basis."""
 
@@ -25,10 +32,7 @@ class TEKFACCurvature(EigenbasisCurvature):
         self.effective_damping = effective_damping
 
     def _factor_weights(self, batch: LayerBatch) -> tuple[Tensor, Tensor]:
-        dtype = self.in_factor.dtype
-        a_sq = batch.a.to(dtype).square().sum(-1) + float(self.shape.bias)  # ‖ā_ns‖², the bias 1 included
-        g_sq = batch.g.to(dtype).square().sum(-1)                           # ‖ĝ_ns‖²
-        return g_sq, a_sq
+        return trace_weights(batch.a, batch.g, self.in_factor.dtype, self.shape.bias)
 
     def damping_for(self, damping: float) -> float | Tensor:
         if not self.effective_damping:

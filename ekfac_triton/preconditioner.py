@@ -258,6 +258,10 @@ class Preconditioner:
             return self.skipped_steps
         return self.skipped_steps + self.compiled_step.device_skips()
 
+    # Always eager, also inside ``torch.compile(opt.step)``: dynamo's trace of this orchestration
+    # (Python counters, attribute re-binding at refreshes, graph breaks at eigh) diverged from eager
+    # at the second step (torch 2.13); ``compile_step`` compiles the tensor work instead.
+    @torch.compiler.disable
     @torch.no_grad()
     def compute_directions(self, damping_of: Callable[[PreconditionedLayer], float],
                            also_check: Sequence[Tensor] = (),

@@ -184,7 +184,7 @@ def precondition_and_update(weight_grads: list[Tensor], bias_grads: list[Tensor 
         if weight_decay != 0.0 and decoupled:   # Loshchilov & Hutter: p <- p·(1 − lr·wd) first
             start = p * scalars[2 * group + 1]
         elif weight_decay != 0.0:               # L2: u = d + wd·p
-            u = u.add(p, alpha=weight_decay)
+            u = u + p * weight_decay
         if momentum != 0.0:
             m = buf * momentum + u
             buf.copy_(torch.where(finite, m, buf))

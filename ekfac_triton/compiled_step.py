@@ -286,6 +286,7 @@ class CompiledStep:
         self.examples = examples
 
     def update_statistics(self, batches: dict[PreconditionedLayer, LayerBatch], decay: float) -> None:
+        """The factor EMAs of the layers in ``batches`` (counts advanced eagerly)."""
         if not batches:
             return
         layers = list(batches)
@@ -303,6 +304,7 @@ class CompiledStep:
                              self.pre.backend)
 
     def after_refresh(self, batches: dict[PreconditionedLayer, LayerBatch], decay: float) -> None:
+        """The per-example / per-position scaling EMAs in the current bases."""
         layers = [layer for layer in batches if isinstance(layer.curvature, EigenbasisCurvature)
                   and layer.curvature.estimates_scaling and layer.curvature.scaling_mode != "batch"]
         if not layers:

@@ -120,7 +120,11 @@ class EKFAC(torch.optim.Optimizer):
                                               process_group=process_group, factor_dtype=factor_dtype,
                                               basis_dtype=basis_dtype, grad_scaler=grad_scaler)
         options = compile_options(compile_step)
-        self._compiled_step = None if options is None else CompiledStep(self._preconditioner, options)
+        try:
+            self._compiled_step = None if options is None else CompiledStep(self._preconditioner, options)
+        except ValueError:
+            self._preconditioner.remove_hooks()  # a refused optimizer leaves no hook on the model
+            raise
         # GradScaler.step then calls step() itself, even on inf steps, with grad_scale/found_inf set
         self._step_supports_amp_scaling = grad_scaler is not None
 

@@ -5,17 +5,19 @@ CUDA graphs on CUDA), for SGD and EKFAC on the autoencoder and the MLP stack (is
     python -m bench.compile_step --quick --threads 1   # CPU smoke run (tiny sizes; not a result)
     python -m bench.compile_step --models mlp-stack --steps 60 --out bench/results/compile/h100
 
-What is compiled: the *model* (``torch.compile(model)``: forward and backward, with EKFAC's
-capture traced into the graph, no graph break); the optimizer step runs eagerly in every mode
-(a compiled step is not implemented yet). ``reduce-overhead`` asks inductor for CUDA graphs of
-the model; EKFAC's capture op is tagged ``cudagraph_unsafe``, so inductor graphs around it.
+Modes: ``eager``; ``compiled``: the *model* (``torch.compile(model)``: forward and backward,
+with EKFAC's capture traced into the graph, no graph break), the step eager; ``compiled+step``:
+also the step (EKFAC: ``compile_step=True``, :mod:`ekfac_triton.compiled_step`; SGD:
+``torch.compile(opt.step)``); ``reduce-overhead`` (CUDA only): both with
+``mode="reduce-overhead"`` (CUDA graphs; EKFAC's capture op is tagged ``cudagraph_unsafe``, so
+inductor graphs around it; EKFAC's ordinary steps are graphed, refresh steps run eagerly).
 
 Columns: step = zero_grad + forward + backward + optimizer step, wall time per step (median with
 p20/p80 over the timed steps, each step bracketed by ``torch.cuda.synchronize()`` on CUDA);
 ``launches/step`` = device kernels per step from ``torch.profiler`` (CUDA), or on CPU the number
 of outermost ATen operator calls in the profile (there are no kernel launches on CPU, so
 the CPU column counts dispatched ops, a proxy for the same overhead). ``opt.step`` = the
-optimizer step alone (median).
+optimizer step alone (median); ``x SGD`` = the step median over SGD's in the same mode and run.
 """
 
 from __future__ import annotations
@@ -40,13 +42,21 @@ OPTIMIZERS = ("sgd", "ekfac")
 
 
 def modes(device: torch.device) -> list[str]:
-    return ["eager", "compiled"] + (["reduce-overhead"] if device.type == "cuda" else [])
+    return ["eager", "compiled", "compiled+step"] + (["reduce-overhead"] if device.type == "cuda" else [])
 
 
-def make_optimizer(name: str, model: torch.nn.Module, eigen_every: int) -> torch.optim.Optimizer:
+def make_optimizer(name: str, model: torch.nn.Module, eigen_every: int, mode: str) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    return EKFAC(model, lr=1e-3, damping=1e-3, eigen_every=eigen_every)
+    compile_step = {"compiled+step": True, "reduce-overhead": {"mode": "reduce-overhead"}}.get(mode, False)
+    return EKFAC(model, lr=1e-3, damping=1e-3, eigen_every=eigen_every, compile_step=compile_step)
+
+
+def optimizer_step(opt: torch.optim.Optimizer, mode: str):
+    """The step as the mode runs it (EKFAC compiles its own step through ``compile_step``)."""
+    if isinstance(opt, EKFAC) or mode in ("eager", "compiled"):
+        return opt.step
+    return torch.compile(opt.step, mode="reduce-overhead" if mode == "reduce-overhead" else "default")
 
 
 def count_launches(prof: profile, device: torch.device) -> int:
@@ -68,7 +78,8 @@ def run(model_name: str, opt_name: str, mode: str, args: argparse.Namespace, dev
     torch._dynamo.utils.counters.clear()
     work = make_workload(model_name, args.quick, device)
     model = work.model
-    opt = make_optimizer(opt_name, model, args.eigen_every)
+    opt = make_optimizer(opt_name, model, args.eigen_every, mode)
+    step = optimizer_step(opt, mode)
     run_model = model if mode == "eager" else torch.compile(model, mode="reduce-overhead" if mode == "reduce-overhead"
                                                             else "default")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -85,7 +96,7 @@ def run(model_name: str, opt_name: str, mode: str, args: argparse.Namespace, dev
         loss.backward()
         sync()
         t1 = time.perf_counter()
-        opt.step()
+        step()
         sync()
         t2 = time.perf_counter()
         if timed:
@@ -114,11 +125,14 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], quick: bool) -> st
     lines = [f"# Eager vs compiled training step ({env['device_name']}, torch {env['torch']})", ""]
     if quick:
         lines += ["**--quick: tiny sizes on this machine, a smoke run, not a result.**", ""]
-    lines += [f"| model | optimizer | mode | step median ms (p20, p80) | opt.step median ms | {unit} | "
-              "graphs compiled | warm-up s |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| model | optimizer | mode | step median ms (p20, p80) | x SGD | opt.step median ms | {unit} | "
+              "graphs compiled | warm-up s |", "|---|---|---|---|---|---|---|---|---|"]
+    sgd = {(r["model"], r["mode"]): r["median_ms"] for r in rows if r["optimizer"] == "sgd"}
     for r in rows:
+        base = sgd.get((r["model"], r["mode"]))
+        ratio = f"{r['median_ms'] / base:.2f}" if base else "-"
         lines.append(f"| {r['model']} | {r['optimizer']} | {r['mode']} | {r['median_ms']:.2f} ({r['p20_ms']:.2f}, "
-                     f"{r['p80_ms']:.2f}) | {r['opt_step_median_ms']:.2f} | {r['launches_per_step']:.0f} | "
+                     f"{r['p80_ms']:.2f}) | {ratio} | {r['opt_step_median_ms']:.2f} | {r['launches_per_step']:.0f} | "
                      f"{r['recompiles']} | {r['warmup_s']:.1f} |")
     lines += ["", f"Command: `{env['command']}`; threads {env['torch_threads']}; git {env.get('git_commit')}."]
     return "\n".join(lines)

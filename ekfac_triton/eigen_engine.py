@@ -155,6 +155,10 @@ class EigenEngine:
             done.record(self._stream)
         return result, done
 
+    def ready(self) -> bool:
+        """Whether an asynchronous refresh has finished and waits to be collected."""
+        return any(future.done() for future in self._pending.values())
+
     def collect(self) -> dict[int, Decomposition]:
         """Finished asynchronous refreshes, by layer index (never waits)."""
         finished = {}

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .config import check_group
 from . import ops
 from .distributed import unwrap_model
+from .compiled_step import CompiledStep, compile_options
 from .layers import weight_and_bias
 from .preconditioner import PreconditionedLayer, Preconditioner, kl_clip_scale
 
@@ -112,6 +113,12 @@ class EKFAC(torch.optim.Optimizer):
             ``_step_supports_amp_scaling`` protocol): a step in which the scaler found inf/NaN
             is skipped with the optimizer state untouched; gradients not yet unscaled are
             unscaled here, so ``scaler.unscale_(opt)`` beforehand is optional (for clipping).
+        compile_step: False (default): the step's tensor work runs eagerly. True or a dict of
+            ``torch.compile`` arguments (e.g. ``{"mode": "reduce-overhead"}`` for CUDA graphs):
+            it runs in a few compiled functions whose graphs do not change with the step
+            (refresh steps only change tensor values), and non-finite steps are skipped on the
+            device where the step would otherwise not sync (:mod:`ekfac_triton.compiled_step`).
+            EKFAC, K-FAC and TEKFAC, single process.
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.1, damping: float = 1e-3, curvature: str = "ekfac",
@@ -124,7 +131,7 @@ class EKFAC(torch.optim.Optimizer):
                  factor_dtype: torch.dtype | None = None, basis_dtype: torch.dtype | None = None,
                  grad_scaler: torch.amp.GradScaler | None = None, fisher: str = "empirical",
                  loss: nn.Module | None = None, mc_samples: int = 1, seed: int | None = None,
-                 loss_scale: float = 1.0) -> None:
+                 loss_scale: float = 1.0, compile_step: bool | dict[str, Any] = False) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model={type(model).__name__}: must be a torch.nn.Module "
                             "(EKFAC hooks into the model's layers; pass parameter groups as params=...)")
@@ -144,6 +151,12 @@ class EKFAC(torch.optim.Optimizer):
                                               basis_dtype=basis_dtype, grad_scaler=grad_scaler, fisher=fisher,
                                               loss=loss, mc_samples=mc_samples, seed=seed,
                                               loss_scale=loss_scale)
+        options = compile_options(compile_step)
+        try:
+            self._compiled_step = None if options is None else CompiledStep(self._preconditioner, options)
+        except ValueError:
+            self._preconditioner.remove_hooks()  # a refused optimizer leaves no hook on the model
+            raise
         # GradScaler.step then calls step() itself, even on inf steps, with grad_scale/found_inf set
         self._step_supports_amp_scaling = grad_scaler is not None
 
@@ -243,6 +256,11 @@ class EKFAC(torch.optim.Optimizer):
             return group_of[layer.adapter.weight]["damping"]
 
         pre = self._preconditioner
+        if self._compiled_step is not None:  # every layer's direction is computed in the compiled update
+            directions = pre.compute_directions(damping_of, also_check=grads, fused=lambda layer: True)
+            if directions is not None:
+                self._compiled_step.update(self, directions, self.decoupled_weight_decay)
+            return
         fuse = pre.backend == "triton" and pre.config.kl_clip is None
         directions = pre.compute_directions(damping_of, also_check=grads,
                                             fused=self._fusable if fuse else None)

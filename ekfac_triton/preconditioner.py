@@ -187,6 +187,9 @@ class Preconditioner:
         self.grad_scaler = grad_scaler
         self.steps = 0
         self.skipped_steps = 0
+        #: the compiled per-step tensor work (:mod:`ekfac_triton.compiled_step`), set by EKFAC's
+        #: ``compile_step``; None: eager
+        self.compiled_step: Any = None
         self.layers: list[PreconditionedLayer] = []
         self.unsupported: dict[str, str] = {}
         wanted = None if modules is None else {id(m) for m in modules}
@@ -394,6 +397,17 @@ class Preconditioner:
         self.skipped_steps += 1
         self._arm_capture()
 
+    def total_skipped_steps(self) -> int:
+        """Skipped steps: ``skipped_steps`` plus those the compiled step skipped on the device
+        (read from its device counter: one host sync)."""
+        if self.compiled_step is None:
+            return self.skipped_steps
+        return self.skipped_steps + self.compiled_step.device_skips()
+
+    # Always eager, also inside ``torch.compile(opt.step)``: dynamo's trace of this orchestration
+    # (Python counters, attribute re-binding at refreshes, graph breaks at eigh) diverged from eager
+    # at the second step (torch 2.13); ``compile_step`` compiles the tensor work instead.
+    @torch.compiler.disable
     @torch.no_grad()
     def compute_directions(self, damping_of: Callable[[PreconditionedLayer], float],
                            also_check: Sequence[Tensor] = (),
@@ -429,28 +443,43 @@ class Preconditioner:
 
         checks = list(grads.values()) + [t for t in also_check if t is not None]
         checks += [t for b in batches.values() for t in (b.a, b.g) if t is not None]
-        finite = torch.stack([torch.isfinite(t).all() for t in checks]).all() if checks else torch.tensor(True)
+        compiled = self.compiled_step
+        if compiled is not None:
+            finite = compiled.all_finite(checks)
+        else:
+            finite = torch.stack([torch.isfinite(t).all() for t in checks]).all() if checks else torch.tensor(True)
         if dp is not None:  # every rank skips if any rank saw a non-finite value
             agreement = dp.agree(finite.to(self.device), examples)
             finite, examples = agreement.finite, agreement.examples
-        if not bool(finite):
+        # The compiled step decides on the device (no host sync) unless this step refreshes or
+        # installs a basis, which syncs anyway (see ekfac_triton.compiled_step).
+        on_host = compiled is None or self._refreshes_now(grads, batches)
+        if on_host and not bool(finite):
             self.skip_step()
             warnings.warn("ekfac_triton: non-finite gradient or activation; step skipped, optimizer state unchanged",
                           RuntimeWarning, stacklevel=3)
             return None
 
-        for index, result in self._finished_refreshes().items():
-            self._install(self.layers[index], result)
-        for layer, batch in batches.items():
-            layer.curvature.update_statistics(batch, cfg.factor_decay)
+        if on_host:
+            for index, result in self._finished_refreshes().items():
+                self._install(self.layers[index], result)
+        if compiled is not None:
+            compiled.begin(finite, dict(zip(self.layers, examples)))
+            compiled.update_statistics(batches, cfg.factor_decay)
+        else:
+            for layer, batch in batches.items():
+                layer.curvature.update_statistics(batch, cfg.factor_decay)
         # Distributed: weights N_rank / N make the averaged EMA that of the estimate over all ranks
         weight = {layer: batches[layer].num_examples / examples[i] for i, layer in enumerate(self.layers)
                   if layer in batches} if dp is not None else {}
         if dp is not None:
             self._average(dp, [(weight[layer], layer.curvature.statistics()) for layer in batches])
         self._refresh_due(grads)
-        for layer, batch in batches.items():
-            layer.curvature.after_refresh(batch, cfg.factor_decay)
+        if compiled is not None:
+            compiled.after_refresh(batches, cfg.factor_decay)
+        else:
+            for layer, batch in batches.items():
+                layer.curvature.after_refresh(batch, cfg.factor_decay)
         if dp is not None:
             self._average(dp, [(weight[layer], layer.curvature.refreshed_statistics()) for layer in batches])
         directions = []
@@ -471,6 +500,15 @@ class Preconditioner:
         self.steps += 1
         self._arm_capture()
         return directions
+
+    def _refreshes_now(self, grads: dict[PreconditionedLayer, Tensor],
+                       batches: dict[PreconditionedLayer, LayerBatch]) -> bool:
+        """Whether this step refreshes a basis or has a finished asynchronous one to install."""
+        if self.eigen.ready():
+            return True
+        return any(layer in grads and (layer.curvature.has_statistics or layer in batches)
+                   and layer.curvature.refresh_due(self.eigen, index, self.steps)
+                   for index, layer in enumerate(self.layers))
 
     @staticmethod
     def _average(dp: DataParallel, tensors: list[tuple[float, tuple[Tensor, ...]]]) -> None:
@@ -558,7 +596,7 @@ class Preconditioner:
         Asynchronous refreshes still in flight are not part of it."""
         return {
             "steps": self.steps,
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": self.total_skipped_steps(),
             "layers": [{"name": layer.name, **layer.curvature.state_dict()} for layer in self.layers],
             "fisher": self.fisher,
             "generator": self.generator.get_state(),
@@ -581,4 +619,6 @@ class Preconditioner:
         self.skipped_steps = int(state["skipped_steps"])
         if "generator" in state:  # resume draws the same MC targets
             self.generator.set_state(state["generator"])
+        if self.compiled_step is not None:  # the loaded count includes the device-counted skips
+            self.compiled_step.reset_device_skips()
         self._arm_capture()

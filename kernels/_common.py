@@ -49,12 +49,19 @@ def triton_path(*tensors: Tensor | None) -> bool:
     return all(t.is_cuda for t in present)
 
 
+@torch.compiler.assume_constant_result
+def _matmul_precision() -> str:
+    # a constant to torch.compile (which cannot trace the getter): the compiled optimizer step
+    # keeps the setting it was compiled under
+    return torch.get_float32_matmul_precision()
+
+
 def resolve_precision(precision: str | None) -> str:
     """``precision`` of fp32 products: ``"tf32"`` or ``"ieee"``; None follows torch's own setting
     (``torch.get_float32_matmul_precision()``: ``"highest"`` -> ``"ieee"``, else ``"tf32"``),
     so that a kernel and the torch matmul it replaces use the same arithmetic."""
     if precision is None:
-        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+        return "ieee" if _matmul_precision() == "highest" else "tf32"
     if precision not in PRECISIONS:
         raise ValueError(f"Invalid precision={precision!r}: must be one of {PRECISIONS} or None")
     return precision

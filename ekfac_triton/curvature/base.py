@@ -152,6 +152,9 @@ class EigenbasisCurvature(Curvature):
 
     #: dtype of the bases, eigenvalues and scaling (None: the factors'); the preconditioner sets it
     basis_dtype: torch.dtype | None = None
+    #: copy a new basis, eigenvalues and scaling into the existing tensors instead of replacing
+    #: them (set by the CUDA-graph compiled step, whose graphs read them at fixed addresses)
+    install_in_place: bool = False
 
     _TENSORS = ("in_factor", "out_factor", "in_eigenvalues", "out_eigenvalues", "q_in", "q_out", "scaling")
     _COUNTS = ("factor_updates", "scaling_updates")
@@ -181,8 +184,7 @@ class EigenbasisCurvature(Curvature):
         """EMA update of both factors from one batch (K-FAC-expand normalisation, DESIGN §1):
         ``in += 1/(N·R) Σ_ns w_in ā āᵀ``, ``out += 1/(N·M) Σ_jns w_out ĝ ĝᵀ`` (M draws of the
         output-gradients per example: MC samples or type-2 columns, :mod:`ekfac_triton.fisher`)."""
-        self.factor_updates += 1
-        beta, alpha = ema_weights(decay, self.factor_updates)
+        beta, alpha = self.next_factor_weights(decay)
         n, r = batch.num_examples, batch.num_positions
         w_in, w_out = self._factor_weights(batch)
         if self.shape.one_hot:
@@ -192,6 +194,16 @@ class EigenbasisCurvature(Curvature):
                               bias=self.shape.bias, weights=w_in, backend=self.backend)
         ops.factor_update(self.out_factor, batch.g, alpha=alpha / (n * batch.draws), beta=beta, bias=False,
                           weights=w_out, backend=self.backend)
+
+    def next_factor_weights(self, decay: float) -> tuple[float, float]:
+        """Count one factor update; its EMA weights ``(beta, alpha)`` (:func:`ema_weights`)."""
+        self.factor_updates += 1
+        return ema_weights(decay, self.factor_updates)
+
+    def next_scaling_weights(self, decay: float) -> tuple[float, float]:
+        """Count one update of the estimated scaling S; its EMA weights ``(beta, alpha)``."""
+        self.scaling_updates += 1
+        return ema_weights(decay, self.scaling_updates)
 
     @property
     def has_statistics(self) -> bool:
@@ -255,11 +267,20 @@ class EigenbasisCurvature(Curvature):
 
     def _set_basis(self, e_in: Eigh, e_out: Eigh) -> None:
         dtype = self._basis_dtype()
-        self.q_in = None if e_in.vectors is None else e_in.vectors.to(dtype)
-        self.in_eigenvalues = e_in.values.to(dtype)
-        self.q_out, self.out_eigenvalues = e_out.vectors.to(dtype), e_out.values.to(dtype)
-        self.scaling = self.eigenvalue_products()
+        # q_in stays None for one-hot inputs (the identity basis)
+        self._put("q_in", None if e_in.vectors is None else e_in.vectors.to(dtype))
+        self._put("in_eigenvalues", e_in.values.to(dtype))
+        self._put("q_out", e_out.vectors.to(dtype))
+        self._put("out_eigenvalues", e_out.values.to(dtype))
+        self._put("scaling", self.eigenvalue_products())
         self.scaling_updates = 0
+
+    def _put(self, name: str, value: Tensor | None) -> None:
+        old = getattr(self, name)
+        if self.install_in_place and old is not None and value is not None and old.shape == value.shape:
+            old.copy_(value)  # CUDA graphs read these tensors at fixed addresses
+        else:
+            setattr(self, name, value)
 
     def eigenvalue_products(self) -> Tensor:
         """K-FAC's scaling ``λ_out λ_inᵀ`` (eigenvalues clamped at 0: the factors are PSD)."""
@@ -273,8 +294,7 @@ class EigenbasisCurvature(Curvature):
         one call per draw so that ā is never repeated M times."""
         if not self.estimates_scaling or self.scaling_mode == "batch":
             return
-        self.scaling_updates += 1
-        beta, alpha = ema_weights(decay, self.scaling_updates)
+        beta, alpha = self.next_scaling_weights(decay)
         n, m = batch.num_examples, batch.draws
         a = batch.a
         if self.scaling_mode == "per_position":  # positions as examples: an approximation
@@ -304,8 +324,7 @@ class EigenbasisCurvature(Curvature):
         """
         batch_update = None
         if self.estimates_scaling and self.scaling_mode == "batch":
-            self.scaling_updates += 1
-            beta, alpha = ema_weights(decay, self.scaling_updates)
+            beta, alpha = self.next_scaling_weights(decay)
             batch_update = (beta, alpha, num_examples)
         if self.shape.one_hot:
             return one_hot.precondition(grad.to(self.q_out.dtype), self.q_out, self.scaling, self.damping_for(damping),

@@ -14,6 +14,22 @@ from ..layers import LayerBatch
 from .base import EigenbasisCurvature, LayerShape
 
 
+def trace_weights(a: Tensor, g: Tensor, dtype: torch.dtype, bias: bool, one_hot: bool = False,
+                  draws: int = 1) -> tuple[Tensor, Tensor]:
+    """Row weights ``(‖ĝ_ns‖², ‖ā_ns‖²)`` of Φ and Ψ (the bias input 1 included in ‖ā‖²).
+
+    One-hot inputs (token indices, -1 a zero row): ‖ā‖² is 1, or 0 at padding. With M ``draws``
+    of the output-gradients per example (``g`` is (M·N, R, d_out), draw-major; the (draw,
+    example) pairs are the examples) ā_ns is weighted by the mean of its draws' ‖ĝ‖², and every
+    draw's ĝ by its example's ‖ā‖².
+    """
+    a_sq = (a >= 0).to(dtype) if one_hot else a.to(dtype).square().sum(-1) + float(bias)
+    g_sq = g.to(dtype).square().sum(-1)
+    if draws == 1:
+        return g_sq, a_sq
+    return g_sq.reshape(draws, *a_sq.shape).mean(0), a_sq.repeat(draws, 1)
+
+
 class TEKFACCurvature(EigenbasisCurvature):
     """Trace-weighted factors, EKFAC's scaling in their basis."""
 
@@ -25,18 +41,8 @@ class TEKFACCurvature(EigenbasisCurvature):
         self.effective_damping = effective_damping
 
     def _factor_weights(self, batch: LayerBatch) -> tuple[Tensor, Tensor]:
-        dtype = self.in_factor.dtype
-        if self.shape.one_hot:  # ‖ā_ns‖² of a one-hot row: 1, or 0 at padding
-            a_sq = (batch.a >= 0).to(dtype)
-        else:
-            a_sq = batch.a.to(dtype).square().sum(-1) + float(self.shape.bias)  # ‖ā_ns‖², the bias 1 included
-        g_sq = batch.g.to(dtype).square().sum(-1)                           # ‖ĝ_jns‖², (M·N, R)
-        m = batch.draws
-        # M draws per example ((draw, example) pairs as examples): ā_ns is weighted by the mean of
-        # its draws' ‖ĝ‖², and every draw's ĝ by its example's ‖ā‖²
-        w_in = g_sq if m == 1 else g_sq.reshape(m, *a_sq.shape).mean(0)
-        w_out = a_sq if m == 1 else a_sq.repeat(m, 1)
-        return w_in, w_out
+        return trace_weights(batch.a, batch.g, self.in_factor.dtype, self.shape.bias, self.shape.one_hot,
+                             batch.draws)
 
     def damping_for(self, damping: float) -> float | Tensor:
         if not self.effective_damping:

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every outstanding GPU check of the project in one device call (about 9 minutes), most important
+# first, each under its own time limit so that one slow part cannot starve the rest. Logs and
+# result tables land in $OUT. Meant for the device tool (no network there: nothing is
+# downloaded; its image has torch, triton, pytest, pytest-benchmark, numpy, tqdm, matplotlib):
+#
+#     bash bench/gpu_checks.sh            # OUT defaults to /tmp/gpu_checks
+#
+# Then commit the tables under bench/results/*/<gpu>/ and, if every cuda test passed, set
+# AUTO_USES_TRITON = True in ekfac_triton/backend.py (issue 4).
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_checks}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+python3 -m pip install -q --no-deps --no-build-isolation --no-index . || exit 1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+
+run() {  # run NAME SECONDS COMMAND...: the command's output in $OUT/NAME.log, its status after it
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s)"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$OUT/$name.log"
+    echo "=== $name rc=$rc"
+}
+
+# 1. kernels, MAC's fused update (attention included) and the compiled/graphed step vs references
+run cuda_tests 170 python3 -m pytest -q -m cuda -p no:cacheprovider \
+    tests/test_kernels_triton.py tests/test_mac_kernel.py tests/test_compiled_step.py
+# 2. kernel microbenchmarks against torch's own ops (TFLOP/s and GB/s columns)
+run kernel_bench 100 python3 -m pytest -q -p no:cacheprovider -s bench/kernels/test_bench_kernels.py
+# 3. per-step time of SGD/AdamW/EKFAC/K-FAC/MAC on the three peer models (issues 5, 11)
+run step_time 160 python3 -m bench.step_time --no-progress --out "$OUT/step_time"
+# 4. eager vs compiled model vs compiled step vs CUDA graphs, launches per step (issue 7)
+run compile_step 140 python3 -m bench.compile_step --out "$OUT/compile_step"

@@ -1,9 +1,11 @@
-"""Per-step wall time of full training steps (zero_grad + forward + backward + optimizer step) of
-SGD, AdamW, EKFAC and K-FAC on the three peer models of DESIGN §4, in one process on one device.
+"""Per-step wall time and peak memory of full training steps (zero_grad + forward + backward +
+optimizer step) of SGD, AdamW, EKFAC, K-FAC and MAC on the three peer models of DESIGN §4, in one
+process on one device.
 
     python -m bench.step_time                      # all models, cuda if available, 20 + 60 steps
     python -m bench.step_time --quick              # CPU smoke run (tiny sizes; not a result)
     python -m bench.step_time --models vgg11 --steps 120 --out /tmp/st
+    python -m bench.step_time --size small --device cpu --threads 1   # CPU-sized models
 
 Data are synthetic (random tensors, fixed seed): this measures time, not optimisation.
 
@@ -19,6 +21,19 @@ an all-at-once run would be charged one full refresh per 60 steps instead of per
 such configurations the warm-up is raised to at least P and the number of timed steps rounded up
 to a multiple of P: every layer then refreshes exactly (timed steps / P) times in the window,
 and the mean is the long-run mean. The table states the steps actually run.
+
+Memory (:mod:`bench.memory`), per row:
+* **state MB**: the bytes of every tensor the optimizer and its preconditioner hold after the
+  timed steps (momentum buffers, factors, bases, scalings, MAC means), each storage once, the
+  model's parameters, gradients and buffers excluded.
+* **peak MB**: the model's parameters and buffers plus the peak, over the timed window, of the
+  memory allocated since just before the optimizer was created (gradients set to None): so
+  parameters + gradients + activations + optimizer state + the step's temporaries, at their
+  largest; the data batches are not counted. On CUDA it is read from the caching allocator's
+  counters during the timed steps themselves; on CPU it comes from a second, untimed pass of the
+  same steps (fresh optimizer, same initial weights) under the torch memory profiler, which sees
+  every tensor allocation but not memory that BLAS/LAPACK allocate for themselves.
+  ``--no-memory`` skips the CPU pass (the CUDA figures cost nothing and are always taken).
 """
 
 from __future__ import annotations
@@ -49,7 +64,11 @@ except ImportError:  # pragma: no cover - tqdm is in the bench extra
 
 from ekfac_triton import EKFAC
 
+from .memory import PeakMemory, state_bytes, tensor_bytes
+
 MODELS = ("autoencoder", "vgg11", "mlp-stack")
+SIZES = ("tiny", "small", "full")  # tiny: --quick; small: CPU-sized measurements; full: DESIGN §4's sizes
+MIB = 2**20
 GOAL_WORST_OVER_MEDIAN = 1.5  # issue goal: worst step <= 1.5x median step
 GOAL_E10_OVER_NO_REFRESH = 2.0  # issue goal: mean step at eigen_every=10 <= 2x our mean without refresh
 NO_REFRESH = "ekfac-no-refresh"
@@ -99,13 +118,27 @@ def _mlp_stack(d: int, hidden: int, blocks: int = 4) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def make_workload(name: str, quick: bool, device: torch.device, n_batches: int = 4) -> Workload:
-    """The model (seeded) and a few fixed synthetic batches already on ``device``."""
+def make_workload(name: str, quick: bool, device: torch.device, n_batches: int = 4,
+                  size: str | None = None) -> Workload:
+    """The model (seeded) and a few fixed synthetic batches already on ``device``.
+
+    Args:
+        name: one of :data:`MODELS`.
+        quick: the tiny smoke-run sizes (when ``size`` is None).
+        device: where the model and batches live.
+        n_batches: how many distinct batches the steps cycle through.
+        size: ``"tiny"``, ``"small"`` (narrower/smaller models that a CPU thread trains in well under
+            a second per step) or ``"full"`` (DESIGN §4's); None: tiny if ``quick`` else full.
+    """
+    size = size or ("tiny" if quick else "full")
+    if size not in SIZES:
+        raise ValueError(f"Invalid size={size!r}: choose from {SIZES}")
+    tiny, small = size == "tiny", size == "small"
     torch.manual_seed(0)
     gen = torch.Generator(device="cpu").manual_seed(1)
     if name == "autoencoder":
-        widths = [196, 100, 50, 25, 10] if quick else [784, 1000, 500, 250, 30]
-        batch = 32 if quick else 512
+        widths = [196, 100, 50, 25, 10] if tiny else [784, 250, 125, 60, 30] if small else [784, 1000, 500, 250, 30]
+        batch = 32 if tiny else 128 if small else 512
         model = _autoencoder(widths)
         xs = [torch.rand(batch, widths[0], generator=gen) for _ in range(n_batches)]
         batches = [(x, x) for x in xs]
@@ -113,8 +146,8 @@ def make_workload(name: str, quick: bool, device: torch.device, n_batches: int =
         desc = (f"MLP autoencoder {'-'.join(map(str, widths + widths[-2::-1]))} (tanh), batch {batch}, "
                 "BCE-with-logits reconstruction of uniform random inputs in [0, 1]")
     elif name == "vgg11":
-        div = 16 if quick else 1
-        batch = 8 if quick else 128
+        div = 16 if tiny else 4 if small else 1
+        batch = 8 if tiny else 32 if small else 128
         model = _vgg11(div)
         xs = [torch.randn(batch, 3, 32, 32, generator=gen) for _ in range(n_batches)]
         ys = [torch.randint(0, 10, (batch,), generator=gen) for _ in range(n_batches)]
@@ -124,7 +157,8 @@ def make_workload(name: str, quick: bool, device: torch.device, n_batches: int =
         desc = (f"VGG11 {widths} + BatchNorm + ReLU, Linear({widths[-2]}, 10), 32x32x3 input, batch {batch}, "
                 "cross-entropy on N(0, 1) images with uniform random labels")
     elif name == "mlp-stack":
-        d, hidden, shape = (64, 256, (2, 32, 64)) if quick else (1024, 4096, (4, 1024, 1024))
+        d, hidden, shape = ((64, 256, (2, 32, 64)) if tiny else (256, 1024, (2, 128, 256)) if small
+                            else (1024, 4096, (4, 1024, 1024)))
         model = _mlp_stack(d, hidden)
         xs = [torch.randn(*shape, generator=gen) for _ in range(n_batches)]
         ts = [torch.randn(*shape, generator=gen) for _ in range(n_batches)]
@@ -136,6 +170,7 @@ def make_workload(name: str, quick: bool, device: torch.device, n_batches: int =
         raise ValueError(f"unknown model {name!r}: choose from {MODELS}")
     model = model.to(device)
     batches = [(x.to(device), y.to(device)) for x, y in batches]
+    desc += f"; {tensor_bytes(model.parameters()) / MIB:.2f} MB of parameters"
     return Workload(name, model, batches, loss_fn, desc)
 
 
@@ -217,12 +252,17 @@ def summarize(times_ms: list[float]) -> dict[str, float]:
                 p80_ms=_pct(s, 80), worst_ms=s[-1])
 
 
-def run_config(work: Workload, cfg: Config, warmup: int, steps: int, device: torch.device,
-               sync: Callable[[], None], progress: bool) -> dict[str, Any]:
-    model = work.model
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = make_optimizer(cfg, model)
-    nb = len(work.batches)
+def _reset(model: nn.Module, state: dict[str, Tensor], device: torch.device) -> None:
+    """Initial weights back, no gradients, garbage collected: the state a configuration starts from."""
+    model.load_state_dict(state)
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _step_fn(work: Workload, opt: torch.optim.Optimizer) -> Callable[[int], None]:
+    model, nb = work.model, len(work.batches)
 
     def one_step(i: int) -> None:
         x, y = work.batches[i % nb]
@@ -231,6 +271,43 @@ def run_config(work: Workload, cfg: Config, warmup: int, steps: int, device: tor
         loss.backward()
         opt.step()
 
+    return one_step
+
+
+def cpu_peak_bytes(work: Workload, cfg: Config, warmup: int, steps: int, state: dict[str, Tensor]) -> int:
+    """The CPU memory pass: from ``state``, a fresh optimizer runs ``warmup + steps`` untimed steps
+    under the memory profiler; the peak over the last ``steps`` above the memory before the
+    optimizer existed (see :class:`bench.memory.PeakMemory`)."""
+    device = torch.device("cpu")
+    _reset(work.model, state, device)
+    peak = PeakMemory(device)
+    opt = make_optimizer(cfg, work.model)
+    try:
+        one_step = _step_fn(work, opt)
+        for i in range(warmup + steps):
+            if i == warmup:
+                peak.start_window()
+            one_step(i)
+        return peak.stop()
+    finally:
+        if isinstance(opt, EKFAC):
+            opt.remove_hooks()
+        del opt
+        _reset(work.model, state, device)
+
+
+def run_config(work: Workload, cfg: Config, warmup: int, steps: int, device: torch.device,
+               sync: Callable[[], None], progress: bool, memory: bool = True) -> dict[str, Any]:
+    """Time ``warmup + steps`` steps of ``cfg`` on ``work`` (the last ``steps`` count) and measure
+    its memory (module docstring); the model is left at its initial weights."""
+    model = work.model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model_bytes = tensor_bytes(model.parameters()) + tensor_bytes(model.buffers())
+    _reset(model, state, device)
+    peak = PeakMemory(device) if device.type == "cuda" else None  # free on CUDA: taken while timing
+    opt = make_optimizer(cfg, model)
+    one_step = _step_fn(work, opt)
+
     eigen = opt.preconditioner.eigen if isinstance(opt, EKFAC) else None
     total = warmup + steps
     bar = tqdm(range(total), desc=f"{work.name}:{cfg.name}", leave=False, disable=not progress, unit="step")
@@ -238,8 +315,11 @@ def run_config(work: Workload, cfg: Config, warmup: int, steps: int, device: tor
     refreshes_before = 0
     try:
         for i in bar:
-            if i == warmup and eigen is not None:
-                refreshes_before = eigen.decompositions
+            if i == warmup:
+                if eigen is not None:
+                    refreshes_before = eigen.decompositions
+                if peak is not None:
+                    peak.start_window()
             sync()
             t0 = time.perf_counter()
             one_step(i)
@@ -249,6 +329,8 @@ def run_config(work: Workload, cfg: Config, warmup: int, steps: int, device: tor
                 times.append(dt)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        peak_bytes = peak.stop() if peak is not None else None
+        held_bytes = state_bytes(opt, model)
         refreshes = (eigen.decompositions - refreshes_before) if eigen is not None else None
         skipped = opt.preconditioner.skipped_steps if isinstance(opt, EKFAC) else None
         # Check the run did train something finite (a NaN model would time a different code path).
@@ -258,14 +340,16 @@ def run_config(work: Workload, cfg: Config, warmup: int, steps: int, device: tor
     finally:
         if isinstance(opt, EKFAC):
             opt.remove_hooks()
-        model.load_state_dict(state)  # next configuration starts from the same weights
-        del opt
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        del opt, one_step
+        _reset(model, state, device)  # next configuration starts from the same weights
+    if peak_bytes is None and memory:
+        peak_bytes = cpu_peak_bytes(work, cfg, warmup, steps, state)
     return dict(model=work.name, config=cfg.name, optimizer=cfg.describe(), warmup=warmup, steps=steps,
                 refreshes_in_window=refreshes, skipped_steps=skipped, final_loss=final_loss,
-                finite=math.isfinite(final_loss) and not skipped, times_ms=times, **summarize(times))
+                finite=math.isfinite(final_loss) and not skipped, times_ms=times, **summarize(times),
+                model_bytes=model_bytes, state_bytes=held_bytes,
+                peak_bytes=None if peak_bytes is None else model_bytes + peak_bytes,
+                state_mb=held_bytes / MIB, peak_mb=None if peak_bytes is None else (model_bytes + peak_bytes) / MIB)
 
 
 # -- environment and output -------------------------------------------------------------------------
@@ -316,6 +400,8 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         peers = by_model[r["model"]]
         sgd, ref = peers.get("sgd"), peers.get(NO_REFRESH)
         r["mean_over_sgd"] = r["mean_ms"] / sgd["mean_ms"] if sgd else None
+        r["peak_over_sgd"] = (r["peak_bytes"] / sgd["peak_bytes"]
+                              if sgd and r.get("peak_bytes") is not None and sgd.get("peak_bytes") else None)
         r["worst_over_median"] = r["worst_ms"] / r["median_ms"]
         r["mean_over_no_refresh"] = r["mean_ms"] / ref["mean_ms"] if ref and r["config"].startswith(("ekfac", "kfac")) else None
         goals = []
@@ -326,6 +412,34 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
                 ok = r["mean_over_no_refresh"] <= GOAL_E10_OVER_NO_REFRESH
                 goals.append(f"e10≤{GOAL_E10_OVER_NO_REFRESH:g}×no-refresh {'MET' if ok else 'MISSED'}")
         r["goals"] = "; ".join(goals)
+
+
+MAC_PAPER_TIME_SAVING = 0.55  # "up to 55% less end-to-end time than K-FAC" (Seung, Lee & Ko 2025)
+
+
+def mac_claims(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines comparing MAC's rows with the MAC paper's claims, per model (empty without
+    the mac, kfac and sgd rows)."""
+    lines: list[str] = []
+    by_model: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by_model.setdefault(r["model"], {})[r["config"]] = r
+    for model, peers in by_model.items():
+        mac, kfac, sgd = peers.get("mac-s5-e50"), peers.get("kfac-e10-stagger"), peers.get("sgd")
+        if not (mac and kfac and sgd):
+            continue
+        if not lines:
+            lines += ["", "MAC against its paper's claims (up to 55% less end-to-end time than K-FAC; memory close "
+                      "to SGD), step time here being the whole step, same steps for both:", "",
+                      "| model | MAC/K-FAC mean step | MAC saves vs K-FAC | MAC/SGD mean step | MAC/SGD peak | "
+                      "MAC/K-FAC peak | MAC state − SGD state |", "|---|---:|---:|---:|---:|---:|---:|"]
+        t = mac["mean_ms"] / kfac["mean_ms"]
+        peak_sgd = mac["peak_over_sgd"]
+        peak_kfac = mac["peak_bytes"] / kfac["peak_bytes"] if mac["peak_bytes"] and kfac["peak_bytes"] else None
+        extra = (mac["state_bytes"] - sgd["state_bytes"]) / 1024
+        lines.append(f"| {model} | {t:.2f} | {100 * (1 - t):.0f}% | {mac['mean_over_sgd']:.2f} | "
+                     f"{_f(peak_sgd, '.3f')} | {_f(peak_kfac, '.3f')} | {extra:.1f} KB |")
+    return lines
 
 
 def _f(x: float | None, fmt: str) -> str:
@@ -356,22 +470,32 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], descs: dict[str, s
         lines.append(f"- `{m}`: {d}")
     lines.append("")
     head = ["model", "config", "warm+timed", "refreshes", "mean ms", "median ms", "p20 ms", "p80 ms", "worst ms",
-            "mean/SGD", "worst/median", "mean/no-refresh", "goals (issue)"]
+            "mean/SGD", "worst/median", "mean/no-refresh", "state MB", "peak MB", "peak/SGD", "goals (issue)"]
     lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "|".join(["---"] * 2 + ["---:"] * 10 + ["---"]) + "|")
+    lines.append("|" + "|".join(["---"] * 2 + ["---:"] * 13 + ["---"]) + "|")
     for r in rows:
         lines.append("| " + " | ".join([
             r["model"], r["config"], f"{r['warmup']}+{r['steps']}",
             "–" if r["refreshes_in_window"] is None else str(r["refreshes_in_window"]),
             _f(r["mean_ms"], ".2f"), _f(r["median_ms"], ".2f"), _f(r["p20_ms"], ".2f"), _f(r["p80_ms"], ".2f"),
             _f(r["worst_ms"], ".2f"), _f(r["mean_over_sgd"], ".2f"), _f(r["worst_over_median"], ".2f"),
-            _f(r["mean_over_no_refresh"], ".2f"), r["goals"] or ""]) + " |")
+            _f(r["mean_over_no_refresh"], ".2f"), _f(r["state_mb"], ".2f"), _f(r["peak_mb"], ".1f"),
+            _f(r["peak_over_sgd"], ".2f"), r["goals"] or ""]) + " |")
     lines.append("")
     lines.append(f"Goals from the issue: worst step ≤ {GOAL_WORST_OVER_MEDIAN}× median (meant for the default "
                  f"staggered schedule; all-at-once rows are the peers' schedule, shown for contrast); mean step at "
                  f"eigen_every=10 ≤ {GOAL_E10_OVER_NO_REFRESH:g}× our own mean with refresh disabled "
                  f"(`{NO_REFRESH}`: first basis only). 'refreshes' counts layer eigendecompositions started in the "
                  "timed window.")
+    lines.append("Memory: 'state MB' = every tensor the optimizer and its preconditioner hold after the timed steps "
+                 "(momentum buffers, factors, bases, scalings, MAC means; each storage once; the model's parameters, "
+                 "gradients and buffers excluded). 'peak MB' = the model's parameters and buffers + the peak, over the "
+                 "timed window, of the memory allocated since just before the optimizer was created (gradients, "
+                 "activations, optimizer state, the step's temporaries; the data batches not counted): "
+                 + ("CUDA caching-allocator counters during the timed steps." if env["device"].startswith("cuda") else
+                    "an untimed second pass of the same steps under the torch memory profiler (tensor allocations; "
+                    "BLAS/LAPACK-internal buffers not seen)."))
+    lines += mac_claims(rows)
     if quick:
         lines.append("\n**SMOKE RUN: do not quote these numbers.**")
     return "\n".join(lines) + "\n"
@@ -379,7 +503,7 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], descs: dict[str, s
 
 CSV_FIELDS = ["model", "config", "optimizer", "warmup", "steps", "refreshes_in_window", "skipped_steps", "mean_ms", "median_ms",
               "p20_ms", "p80_ms", "worst_ms", "mean_over_sgd", "worst_over_median", "mean_over_no_refresh", "goals",
-              "final_loss", "finite"]
+              "final_loss", "finite", "model_bytes", "state_bytes", "peak_bytes", "peak_over_sgd"]
 
 
 def write_outputs(out: Path, stem: str, rows: list[dict[str, Any]], env: dict[str, Any], descs: dict[str, str],
@@ -413,6 +537,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sync", choices=("device", "stream"), default="device",
                    help="CUDA: torch.cuda.synchronize() (device, default) or current stream only around each step")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny models, few steps (labelled as such)")
+    p.add_argument("--size", choices=SIZES, default=None, help="model sizes (default: tiny with --quick, else "
+                   "full = DESIGN §4's; small = CPU-sized: VGG11 at 1/4 width, batch 32; MLP 256->1024, 256 tokens)")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="CPU: skip the untimed memory-profiler pass (peak MB left empty); CUDA always measures")
     p.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/step_time/<device>/)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice, "
                    "1 for --quick on CPU: avoids OpenMP oversubscription on a busy machine)")
@@ -424,6 +552,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.steps = 10 if args.quick else 60
     if args.align is None:
         args.align = not args.quick
+    if args.size is None:
+        args.size = "tiny" if args.quick else "full"
     if args.warmup < 0 or args.steps < 1:
         p.error("--warmup must be >= 0 and --steps >= 1")
     return args
@@ -456,7 +586,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     sync = _sync_fn(device, args.sync)
     env = environment(device, argv, args.sync)
-    stem = "step_time_smoke" if args.quick else "step_time"
+    stem = "step_time_smoke" if args.quick else "step_time" if args.size == "full" else f"step_time_{args.size}"
     out = args.out or Path(__file__).resolve().parent / "results" / "step_time" / _slug(env["device_name"])
     if args.quick:
         print("SMOKE RUN (--quick): tiny models and few steps; the numbers are not a performance result.")
@@ -467,11 +597,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     jobs = [(m, c) for m in models for c in cfgs]
     outer = tqdm(total=len(jobs), desc="configurations", disable=not args.progress, unit="cfg")
     for m in models:
-        work = make_workload(m, args.quick, device)
+        work = make_workload(m, args.quick, device, size=args.size)
         descs[m] = work.description
         for c in cfgs:
             warmup, steps = plan_steps(c, args.warmup, args.steps, args.align)
-            rows.append(run_config(work, c, warmup, steps, device, sync, args.progress))
+            rows.append(run_config(work, c, warmup, steps, device, sync, args.progress, args.memory))
             outer.update(1)
         del work
         gc.collect()
@@ -480,7 +610,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     add_ratios(rows)
     table = markdown(rows, env, descs, args.quick, args.align)
     meta = dict(models=models, configs=[c.name for c in cfgs], warmup=args.warmup, steps=args.steps,
-                align=args.align, sync=args.sync, quick=args.quick, synthetic_data=True,
+                align=args.align, sync=args.sync, quick=args.quick, size=args.size, memory=args.memory,
+                synthetic_data=True,
                 goals=dict(worst_over_median_max=GOAL_WORST_OVER_MEDIAN,
                            e10_mean_over_no_refresh_max=GOAL_E10_OVER_NO_REFRESH))
     paths = write_outputs(out, stem, rows, env, descs, table, meta)

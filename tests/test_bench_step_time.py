@@ -43,7 +43,8 @@ def test_step_time_quick_smoke(tmp_path: Path) -> None:
     assert sorted(r["config"] for r in rows) == sorted(CONFIGS)
     for r in rows:
         assert r["model"] == "mlp-stack"
-        for key in ("mean_ms", "median_ms", "p20_ms", "p80_ms", "worst_ms", "mean_over_sgd", "worst_over_median"):
+        for key in ("mean_ms", "median_ms", "p20_ms", "p80_ms", "worst_ms", "mean_over_sgd", "worst_over_median",
+                    "peak_bytes", "peak_over_sgd", "model_bytes"):
             value = float(r[key])
             assert math.isfinite(value) and value > 0, (r["config"], key, r[key])
 
@@ -60,3 +61,12 @@ def test_step_time_quick_smoke(tmp_path: Path) -> None:
         assert r["finite"], name
         if name.startswith(("ekfac", "kfac")):
             assert math.isfinite(r["mean_over_no_refresh"]) and r["mean_over_no_refresh"] > 0, name
+        # memory: the peak holds at least the parameters, their gradients and the optimizer state
+        assert r["peak_bytes"] >= 2 * r["model_bytes"] + r["state_bytes"], name
+    # every configuration keeps at least SGD's momentum buffers (AdamW: two moments per parameter)
+    # SGD's state is one momentum buffer per parameter (the MLP has no module buffers)
+    assert results["sgd"]["state_bytes"] == results["sgd"]["model_bytes"]
+    for name, r in results.items():
+        assert r["state_bytes"] >= results["sgd"]["state_bytes"] > 0, name
+    assert results["ekfac-e10-stagger"]["state_bytes"] > results["mac-s5-e50"]["state_bytes"]
+    assert "| model | MAC/K-FAC mean step |" in md.read_text()

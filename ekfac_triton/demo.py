@@ -361,6 +361,7 @@ def plot(results: Sequence[RunResult], floor: float, path: Path, title: str) -> 
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
     axes[1].set_xscale("symlog", linthresh=10)
+    axes[1].set_xlim(left=0)  # steps are >= 0: no negative symlog ticks
     axes[0].legend(fontsize=8, ncols=2)
     fig.suptitle(title)
     fig.savefig(path, dpi=120)

@@ -27,7 +27,7 @@ Non-finite steps: the eager step syncs once per step to skip a non-finite step. 
 step that refreshes or installs a basis (which syncs anyway) the same host decision is taken;
 on every other step the decision stays on the device: each state update is
 ``where(finite, new, old)``, so a non-finite step leaves parameters, momentum, factors and
-scalings bit-identical, and a device counter counts it (``Preconditioner.total_skipped_steps()``
+scalings bit-identical, and a device counter counts it (``Preconditioner.skipped_steps``
 reads it). Unlike the eager skip, the step and EMA counts still advance and no warning is issued.
 That makes ordinary steps free of host syncs, and so capturable as CUDA graphs
 (``compile_step={"mode": "reduce-overhead"}``: then the tensors the graphs mutate are marked as
@@ -325,7 +325,7 @@ class CompiledStep:
         self._update_scalings([c.scaling for c in curvatures], [batches[layer].g for layer in layers],
                               [batches[layer].a for layer in layers], [c.q_out for c in curvatures],
                               [c.q_in for c in curvatures], self.finite, self.scalars.load("scalings", values),
-                              tuple(c.shape.bias for c in curvatures), self.pre.config.scaling == "per_position",
+                              tuple(c.shape.bias for c in curvatures), curvatures[0].scaling_mode == "per_position",
                               self.pre.backend)
 
     def update(self, optimizer: torch.optim.Optimizer, directions: list[tuple[PreconditionedLayer, Tensor | None]],

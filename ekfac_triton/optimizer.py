@@ -92,8 +92,8 @@ class EKFAC(torch.optim.Optimizer):
             estimate. empirical: gradients of the training loss, no extra cost. mc: targets drawn
             from the model's predictive distribution, ``mc_samples`` extra backward passes per
             statistics step. type-2: the exact Gauss-Newton through a factor of the loss Hessian,
-            C extra backward passes per statistics step (C classes / outputs) and C times the
-            output-gradient memory. mc and type-2 need ``loss`` and, on each statistics step,
+            P·C extra backward passes per statistics step (C classes / outputs at each of P
+            output positions; P = 1 for (N, C) outputs) and P·C times the output-gradient memory. mc and type-2 need ``loss`` and, on each statistics step,
             :meth:`backward` (or :meth:`curvature_backward` before ``loss.backward()``); a step
             whose statistics are due without it raises. ``scaling="batch"`` takes S from the
             training gradient whatever the Fisher type.
@@ -117,8 +117,11 @@ class EKFAC(torch.optim.Optimizer):
             ``torch.compile`` arguments (e.g. ``{"mode": "reduce-overhead"}`` for CUDA graphs):
             it runs in a few compiled functions whose graphs do not change with the step
             (refresh steps only change tensor values), and non-finite steps are skipped on the
-            device where the step would otherwise not sync (:mod:`ekfac_triton.compiled_step`).
-            EKFAC, K-FAC and TEKFAC, single process.
+            device where the step would otherwise not sync (:mod:`ekfac_triton.compiled_step`):
+            such a skip leaves parameters and state bit-identical but issues no warning and
+            still advances the step and EMA counts; ``preconditioner.skipped_steps`` counts it.
+            EKFAC, K-FAC and TEKFAC, single process, empirical Fisher, no Embedding layers.
+            With a GradScaler every step still syncs once (``found_inf`` is read on the host).
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.1, damping: float = 1e-3, curvature: str = "ekfac",

@@ -90,9 +90,9 @@ class Preconditioner:
             ``"empirical"`` (default: output-gradients of the training loss, no extra cost),
             ``"mc"`` (targets sampled from the model's predictive distribution; ``mc_samples``
             extra backward passes per statistics step) or ``"type-2"`` (the exact Gauss-Newton /
-            type-2 Fisher through a factor of the loss Hessian: C extra backward passes per
-            statistics step, C the number of classes or outputs, and C times the output-gradient
-            memory until the step). mc and type-2 need ``loss`` and a curvature backward
+            type-2 Fisher through a factor of the loss Hessian: P·C extra backward passes per
+            statistics step, C the number of classes or outputs at each of P output positions
+            (P = 1 for (N, C) outputs), and P·C times the output-gradient memory until the step). mc and type-2 need ``loss`` and a curvature backward
             (:meth:`backward` or :meth:`curvature_backward`) on every statistics step; they are
             not defined for ``curvature="mac"`` (which reads no output-gradient).
         loss: the training loss, an ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or
@@ -186,7 +186,7 @@ class Preconditioner:
         self.lr = lr
         self.grad_scaler = grad_scaler
         self.steps = 0
-        self.skipped_steps = 0
+        self._host_skipped_steps = 0  # skips decided on the host (see skipped_steps)
         #: the compiled per-step tensor work (:mod:`ekfac_triton.compiled_step`), set by EKFAC's
         #: ``compile_step``; None: eager
         self.compiled_step: Any = None
@@ -194,6 +194,7 @@ class Preconditioner:
         self.unsupported: dict[str, str] = {}
         wanted = None if modules is None else {id(m) for m in modules}
         parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+        candidates: list[tuple[str, LayerAdapter]] = []
         for name, module in model.named_modules():
             if wanted is not None and id(module) not in wanted:
                 continue
@@ -208,18 +209,37 @@ class Preconditioner:
             if not adapter.weight.requires_grad:
                 self.unsupported[name] = "the weight is frozen (requires_grad=False)"
                 continue
+            candidates.append((name or type(module).__name__, adapter))
+        # Tied weights (an embedding shared with the output head): the gradient sums both uses,
+        # which per-layer statistics do not model, and two directions for one tensor would
+        # silently overwrite each other. Both modules get the plain update.
+        users: dict[int, list[str]] = {}
+        for name, adapter in candidates:
+            users.setdefault(id(adapter.weight), []).append(name)
+        for name, adapter in candidates:
+            shared = [other for other in users[id(adapter.weight)] if other != name]
+            if shared:
+                self.unsupported[name] = (f"its weight is shared with {shared} (tied weights are not modelled: the "
+                                          "gradient sums both uses)")
+        candidates = [(name, adapter) for name, adapter in candidates if name not in self.unsupported]
+        if group is not None and any(adapter.one_hot_inputs for _, adapter in candidates):
+            embeddings = [name for name, adapter in candidates if adapter.one_hot_inputs]
+            raise ValueError(f"Invalid process_group: data-parallel training does not support nn.Embedding layers "
+                             f"yet ({embeddings}); exclude them with modules=... or params=...")
+        if not candidates:
+            detail = f" (unsupported: {self.unsupported})" if self.unsupported else ""
+            raise ValueError("Invalid model: it has no supported layer to precondition "
+                             f"(nn.Linear, nn.Conv2d with groups=1, nn.Embedding){detail}")
+        # Hooks last: a refused model keeps none.
+        kwargs = {"effective_damping": effective_damping} if curvature == "tekfac" else {}
+        for name, adapter in candidates:
             shape = LayerShape(d_out=adapter.d_out, d_in=adapter.d_in, bias=adapter.has_bias,
                                one_hot=adapter.one_hot_inputs, value_rows=adapter.value_rows)
-            kwargs = {"effective_damping": effective_damping} if curvature == "tekfac" else {}
             dtype = factor_dtype or _factor_dtype(adapter.weight)
             curv = CURVATURES[curvature](shape, dtype, adapter.weight.device, scaling, **kwargs)
             curv.basis_dtype = basis_dtype
             capture = LayerCapture(adapter.hooked_module, adapter.read_call)
-            self.layers.append(PreconditionedLayer(name or type(module).__name__, adapter, capture, curv))
-        if not self.layers:
-            detail = f" (unsupported: {self.unsupported})" if self.unsupported else ""
-            raise ValueError("Invalid model: it has no supported layer to precondition "
-                             f"(nn.Linear, nn.Conv2d with groups=1, nn.Embedding){detail}")
+            self.layers.append(PreconditionedLayer(name, adapter, capture, curv))
         device = self.layers[0].adapter.weight.device
         self.device = device
         # MC targets are drawn with this generator (on the model's device; saved in state_dict).
@@ -235,10 +255,6 @@ class Preconditioner:
         costs = [layer.curvature.refresh_cost() for layer in self.layers]
         self.eigen = EigenEngine(costs, device, period=eigen_every, stagger=stagger, synchronous=synchronous,
                                  float64_max_dim=float64_max_dim, warm_starts=warm_starts)
-        one_hot = [layer.name for layer in self.layers if layer.adapter.one_hot_inputs]
-        if group is not None and one_hot:
-            raise ValueError(f"Invalid process_group: data-parallel training does not support nn.Embedding layers "
-                             f"yet ({one_hot}); exclude them with modules=... or params=...")
         #: the collectives when distributed (None: a single process, no collective at all)
         self.distributed = None if group is None else DataParallel(group, costs, device)
         for name, reason in self.unsupported.items():
@@ -318,7 +334,8 @@ class Preconditioner:
 
     def backward(self, output: Tensor, target: Tensor) -> Tensor:
         """``loss_scale · loss(output, target)``, the curvature backward (mc/type-2, on statistics steps), then
-        ``loss.backward()``; returns the loss (detached). Needs ``loss`` at construction.
+        ``loss.backward()`` (``grad_scaler.scale(loss).backward()`` with an enabled
+        ``grad_scaler``); returns the loss (detached, unscaled). Needs ``loss`` at construction.
 
         Args:
             output: the model output of this step's forward.
@@ -335,7 +352,10 @@ class Preconditioner:
             raise ValueError(f"Invalid target: it contains ignore_index={self.loss.ignore_index}, which "
                              f"fisher={self.fisher!r} does not model (every position gets curvature)")
         self.curvature_backward(output)
-        loss.backward()
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            self.grad_scaler.scale(loss).backward()  # fp16: as the user's own loop would
+        else:
+            loss.backward()
         return loss.detach()
 
     def _capture_unscale(self) -> float | None:
@@ -394,15 +414,17 @@ class Preconditioner:
     def skip_step(self) -> None:
         """Count a skipped step and drop what was captured for it; nothing else changes (used
         when a GradScaler found non-finite gradients, and by the non-finite skip policy)."""
-        self.skipped_steps += 1
+        self._host_skipped_steps += 1
         self._arm_capture()
 
-    def total_skipped_steps(self) -> int:
-        """Skipped steps: ``skipped_steps`` plus those the compiled step skipped on the device
-        (read from its device counter: one host sync)."""
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite values: those decided on the host (with a warning) plus,
+        with ``compile_step``, those the compiled step skipped on the device (reading that counter
+        is one host sync)."""
         if self.compiled_step is None:
-            return self.skipped_steps
-        return self.skipped_steps + self.compiled_step.device_skips()
+            return self._host_skipped_steps
+        return self._host_skipped_steps + self.compiled_step.device_skips()
 
     # Always eager, also inside ``torch.compile(opt.step)``: dynamo's trace of this orchestration
     # (Python counters, attribute re-binding at refreshes, graph breaks at eigh) diverged from eager
@@ -442,7 +464,7 @@ class Preconditioner:
                     for layer in self.layers]
 
         checks = list(grads.values()) + [t for t in also_check if t is not None]
-        checks += [t for b in batches.values() for t in (b.a, b.g) if t is not None]
+        checks += [t for b in batches.values() for t in (b.a, b.g, b.token_weights) if t is not None]
         compiled = self.compiled_step
         if compiled is not None:
             finite = compiled.all_finite(checks)
@@ -503,9 +525,18 @@ class Preconditioner:
 
     def _refreshes_now(self, grads: dict[PreconditionedLayer, Tensor],
                        batches: dict[PreconditionedLayer, LayerBatch]) -> bool:
-        """Whether this step refreshes a basis or has a finished asynchronous one to install."""
+        """Whether the compiled step must decide a non-finite skip on the host: this step refreshes
+        a basis or has a finished asynchronous one to install, or it is a layer's first factor or
+        scaling update since the start or a refresh (that EMA update replaces the state: a
+        device-side skip would still count it, and the next update would then mix the replaced
+        state in with weight β instead of 0)."""
         if self.eigen.ready():
             return True
+        for layer in batches:
+            curv = layer.curvature
+            estimated = curv.estimates_scaling and curv.scaling_mode != "batch"
+            if curv.factor_updates == 0 or (estimated and curv.scaling_updates == 0):
+                return True
         return any(layer in grads and (layer.curvature.has_statistics or layer in batches)
                    and layer.curvature.refresh_due(self.eigen, index, self.steps)
                    for index, layer in enumerate(self.layers))
@@ -596,7 +627,7 @@ class Preconditioner:
         Asynchronous refreshes still in flight are not part of it."""
         return {
             "steps": self.steps,
-            "skipped_steps": self.total_skipped_steps(),
+            "skipped_steps": self.skipped_steps,
             "layers": [{"name": layer.name, **layer.curvature.state_dict()} for layer in self.layers],
             "fisher": self.fisher,
             "generator": self.generator.get_state(),
@@ -616,7 +647,7 @@ class Preconditioner:
         for layer, entry in zip(self.layers, state["layers"]):
             layer.curvature.load_state_dict(entry)
         self.steps = int(state["steps"])
-        self.skipped_steps = int(state["skipped_steps"])
+        self._host_skipped_steps = int(state["skipped_steps"])
         if "generator" in state:  # resume draws the same MC targets
             self.generator.set_state(state["generator"])
         if self.compiled_step is not None:  # the loaded count includes the device-counted skips

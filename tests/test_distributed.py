@@ -413,6 +413,7 @@ def test_world_size_one_group_equals_the_plain_path(tmp_path):
         embedding_model = torch.nn.Sequential(torch.nn.Embedding(11, 4), torch.nn.Linear(4, 3))
         with pytest.raises(ValueError, match="process_group.*Embedding"):
             EKFAC(embedding_model, process_group=dist.group.WORLD)
+        assert not any(m._forward_hooks for m in embedding_model.modules())  # a refused model keeps no hook
         EKFAC(embedding_model, process_group=dist.group.WORLD, params=embedding_model[1].parameters())
     finally:
         dist.destroy_process_group()

@@ -206,7 +206,8 @@ def test_no_vocab_squared_tensor(curvature: str) -> None:
 
 
 # -- unsupported configurations ------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs,reason", [(dict(max_norm=1.0), "max_norm=1.0"), (dict(sparse=True), "sparse=True")])
+@pytest.mark.parametrize("kwargs,reason", [(dict(max_norm=1.0), "max_norm=1.0"), (dict(sparse=True), "sparse=True"),
+                                           (dict(scale_grad_by_freq=True), "scale_grad_by_freq=True")])
 def test_unsupported_embedding_is_reported(kwargs: dict, reason: str) -> None:
     model = nn.Sequential(nn.Embedding(10, 3, **kwargs), nn.Flatten(), nn.Linear(6, 2))
     with pytest.warns(UserWarning, match=reason):
@@ -220,3 +221,23 @@ def test_mac_leaves_embeddings_unpreconditioned() -> None:
     with pytest.warns(UserWarning, match="leave embeddings unpreconditioned"):
         opt = MAC(model)
     assert opt.preconditioned_modules() == ["2"]
+
+
+def test_tied_weights_are_left_to_the_plain_update() -> None:
+    """An embedding tied to the output head: one tensor, two uses. Neither module is
+    preconditioned (two directions for one tensor would overwrite each other), both are reported,
+    and the step runs."""
+    torch.manual_seed(0)
+    emb, mix, head = nn.Embedding(11, 4), nn.Linear(4, 4), nn.Linear(4, 11, bias=False)
+    head.weight = emb.weight
+    model = nn.Sequential(emb, mix, head)
+    with pytest.warns(UserWarning, match="shared with"):
+        opt = EKFAC(model, lr=0.1, momentum=0.0)
+    assert opt.preconditioned_modules() == ["1"]
+    assert set(opt.preconditioner.unsupported) == {"0", "2"}
+    tokens = torch.randint(0, 11, (5, 3))
+    loss = nn.functional.cross_entropy(model(tokens).reshape(-1, 11), tokens.reshape(-1))
+    loss.backward()
+    before, grad = emb.weight.detach().clone(), emb.weight.grad.clone()
+    opt.step()
+    torch.testing.assert_close(emb.weight.detach(), before - 0.1 * grad, atol=0, rtol=0)

@@ -315,6 +315,28 @@ def test_loss_scale_scales_the_curvature_and_the_trained_loss(fisher: str) -> No
     assert torch.allclose(trained[0].weight.grad, expected, rtol=1e-12, atol=1e-15)
 
 
+def test_backward_with_a_grad_scaler_scales_the_loss() -> None:
+    """opt.backward under a GradScaler backpropagates the scaled loss, as the user's own loop
+    would, so scaler.step works; a power-of-two scale is exact: the run equals the unscaled one."""
+    runs = []
+    for scaled in (False, True):
+        model, X, Y, loss_fn = problem("mlp", "ce", seed=10)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None
+        opt = EKFAC(model, lr=0.1, damping=1e-2, fisher="mc", loss=loss_fn, seed=3, eigen_every=2,
+                    grad_scaler=scaler)
+        for _ in range(3):
+            opt.zero_grad()
+            opt.backward(model(X), Y)
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for p, q in zip(*runs):
+        torch.testing.assert_close(p, q, atol=1e-13, rtol=1e-11)
+
+
 def test_mc_seed_reproducible_and_distinct() -> None:
     model, X, Y, loss_fn = problem("cnn", "ce", seed=6)
     a = kfac_factors_after_step(model, X, Y, loss_fn, "mc", seed=3)

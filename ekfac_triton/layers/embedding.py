@@ -34,9 +34,13 @@ class EmbeddingAdapter(LayerAdapter):
         if inputs_only:
             return "an embedding (curvatures that read only the inputs, such as MAC, leave embeddings unpreconditioned)"
         if module.sparse:
-            return "sparse=True (sparse gradients are not preconditioned)"
+            return ("sparse=True (sparse gradients are not preconditioned, and EKFAC.step refuses them: "
+                    "leave its parameters out of params=)")
         if module.max_norm is not None:
             return f"max_norm={module.max_norm} (the forward renormalises rows in place)"
+        if module.scale_grad_by_freq:
+            return ("scale_grad_by_freq=True (the gradient is rescaled per token by its batch frequency, "
+                    "which the Fisher of the loss does not model)")
         return None
 
     @property

@@ -398,7 +398,9 @@ class Preconditioner:
             raise RuntimeError(f"ekfac_triton: layer {layer.name!r} received {len(cap.curvature_grads)} output-gradients "
                                f"in {self._curvature_passes} curvature backward passes (a module run several times, or "
                                "not at all, in the forward), which this version does not model")
-        return layer.adapter.batch_draws(cap.inputs, cap.curvature_grads)
+        batch = layer.adapter.batch_draws(cap.inputs, cap.curvature_grads)
+        cap.curvature_grads = []  # the batch holds them now (stacked): do not keep both until the step ends
+        return batch
 
     def _install(self, layer: PreconditionedLayer, result: Decomposition) -> None:
         note = layer.curvature.install(result)

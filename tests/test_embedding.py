@@ -7,10 +7,15 @@
   any other would change EKFAC's diagonal), for K-FAC, EKFAC and TEKFAC, with a padding_idx.
 * No tensor with V² elements is ever created (V = 50,000): a dispatch mode computes every op's
   output shapes on the meta device *before* running it, and fails on one of V² or more elements.
-* max_norm, sparse=True and MAC leave the module unpreconditioned, reported.
+* Three steps (momentum, EMAs, refreshes) end exactly where a Linear layer on dense one-hot rows
+  does, for every curvature, scaling and Fisher type, and resume bit-exactly from a state_dict.
+* max_norm, sparse=True, scale_grad_by_freq, tied weights and MAC leave the module
+  unpreconditioned, reported.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -241,3 +246,69 @@ def test_tied_weights_are_left_to_the_plain_update() -> None:
     before, grad = emb.weight.detach().clone(), emb.weight.grad.clone()
     opt.step()
     torch.testing.assert_close(emb.weight.detach(), before - 0.1 * grad, atol=0, rtol=0)
+
+
+class OneHotLinearModel(TokenModel):
+    """``TokenModel`` with the embedding replaced by the same map written as a Linear layer on
+    dense one-hot rows: what the one-hot curvature mode must reproduce exactly."""
+
+    def __init__(self, source: TokenModel) -> None:
+        vocab, dim = source.embed.weight.shape
+        super().__init__(vocab, dim, source.head.out_features)
+        self.to(DTYPE)
+        self.load_state_dict(source.state_dict())
+        self.vocab = vocab
+        self.embed_linear = nn.Linear(vocab, dim, bias=False).to(DTYPE)
+        with torch.no_grad():
+            self.embed_linear.weight.copy_(source.embed.weight.T)
+        del self.embed
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        rows = nn.functional.one_hot(tokens, self.vocab).to(DTYPE)
+        return self.after_embedding(self.embed_linear(rows))
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc", "type-2"])
+@pytest.mark.parametrize("scaling", ["per_example", "batch", "per_position"])
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac", "tekfac"])
+def test_embedding_equals_linear_on_one_hot_rows(curvature: str, scaling: str, fisher: str) -> None:
+    """Three steps with momentum, EMAs and a refresh period of 2: the embedding (token indices,
+    diagonal A, identity basis, scattered S) ends exactly where a Linear layer on the dense one-hot
+    rows does (dense A, eigh of a diagonal matrix: the identity up to order and signs, which no
+    statistic sees), for every curvature, scaling and Fisher type; and a state_dict round trip of
+    the embedding run (1-D input factor, no input basis) resumes bit-exactly."""
+    torch.manual_seed(1)
+    source = TokenModel(9, 3, 4).to(DTYPE)
+    loss_fn = nn.CrossEntropyLoss()
+    settings = dict(lr=0.2, damping=1e-2, curvature=curvature, scaling=scaling, momentum=0.9, factor_decay=0.9,
+                    eigen_every=2, stagger=False, fisher=fisher, loss=loss_fn, seed=4)
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randint(0, 9, (6, 5), generator=g), torch.randint(0, 4, (6,), generator=g)) for _ in range(4)]
+
+    def run(model: nn.Module, steps: list, opt: EKFAC | None = None) -> EKFAC:
+        opt = opt or EKFAC(model, **settings)
+        for tokens, labels in steps:
+            opt.zero_grad()
+            opt.backward(model(tokens), labels)
+            opt.step()
+        return opt
+
+    embedded = TokenModel(9, 3, 4).to(DTYPE)
+    embedded.load_state_dict(source.state_dict())
+    linear = OneHotLinearModel(source)
+    opt = run(embedded, batches[:3])
+    run(linear, batches[:3])
+    torch.testing.assert_close(embedded.embed.weight.T, linear.embed_linear.weight, atol=1e-12, rtol=1e-10)
+    for name in ("rest.1.weight", "head.weight"):
+        torch.testing.assert_close(embedded.get_parameter(name), linear.get_parameter(name), atol=1e-12, rtol=1e-10)
+
+    saved_model = {k: v.clone() for k, v in embedded.state_dict().items()}
+    saved_opt = copy.deepcopy(opt.state_dict())  # state_dict holds references, as torch optimizers' do
+    run(embedded, batches[3:], opt)
+    resumed = TokenModel(9, 3, 4).to(DTYPE)
+    resumed.load_state_dict(saved_model)
+    opt2 = EKFAC(resumed, **settings)
+    opt2.load_state_dict(saved_opt)
+    run(resumed, batches[3:], opt2)
+    for p, q in zip(resumed.parameters(), embedded.parameters()):
+        assert torch.equal(p, q)

@@ -46,6 +46,7 @@ average over the M = P·C columns (what the statistics take over draws) their su
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -93,9 +94,10 @@ def _check_output(loss: nn.Module, output: Tensor) -> None:
 
 
 def curvature_grad_outputs(fisher: str, loss: nn.Module, output: Tensor, mc_samples: int,
-                           generator: torch.Generator | None) -> list[Tensor]:
+                           generator: torch.Generator | None) -> Iterator[Tensor]:
     """The ``grad_outputs`` of the curvature backward passes (one tensor shaped like ``output``
-    per pass): ``w·s/N`` with s the type-2 columns (w = √(P·C)) or the MC vectors (w = 1).
+    per pass, made when asked for: P·C type-2 columns never exist at once): ``w·s/N`` with s the
+    type-2 columns (w = √(P·C)) or the MC vectors (w = 1). The output is checked at the call.
 
     Args:
         fisher: ``"mc"`` or ``"type-2"``.
@@ -112,7 +114,8 @@ def curvature_grad_outputs(fisher: str, loss: nn.Module, output: Tensor, mc_samp
     return _elementwise(fisher, loss, f, n, mc_samples, generator)
 
 
-def _cross_entropy(fisher: str, f: Tensor, n: int, mc_samples: int, generator: torch.Generator | None) -> list[Tensor]:
+def _cross_entropy(fisher: str, f: Tensor, n: int, mc_samples: int,
+                   generator: torch.Generator | None) -> Iterator[Tensor]:
     c = f.shape[1]
     kappa = 1.0 / (f[0, 0].numel())          # 1 / positions per example
     p = torch.softmax(f, dim=1)
@@ -123,26 +126,23 @@ def _cross_entropy(fisher: str, f: Tensor, n: int, mc_samples: int, generator: t
         positions = flat.shape[-1]
         root = flat.sqrt()
         scale = math.sqrt(kappa * c * positions) / n
-        columns = []
         for t in range(positions):
             for k in range(c):
                 column = torch.zeros_like(flat)
                 column[:, :, t] = -flat[:, :, t] * root[:, k, t: t + 1]
                 column[:, k, t] += root[:, k, t]
-                columns.append((column * scale).reshape(f.shape))
-        return columns
+                yield (column * scale).reshape(f.shape)
+        return
     # mc: ỹ ~ Categorical(p) at every position; s = √κ (p − onehot(ỹ))
     rows = p.movedim(1, -1).reshape(-1, c)
-    draws = []
     for _ in range(mc_samples):
         y = torch.multinomial(rows, 1, generator=generator).squeeze(-1)
         onehot = torch.nn.functional.one_hot(y, c).to(p.dtype).reshape(*p.movedim(1, -1).shape).movedim(-1, 1)
-        draws.append((p - onehot) * (math.sqrt(kappa) / n))
-    return draws
+        yield (p - onehot) * (math.sqrt(kappa) / n)
 
 
 def _elementwise(fisher: str, loss: nn.Module, f: Tensor, n: int, mc_samples: int,
-                 generator: torch.Generator | None) -> list[Tensor]:
+                 generator: torch.Generator | None) -> Iterator[Tensor]:
     entries = f[0].numel()
     kappa = 1.0 / entries                    # 1 / (P·C): the mean over an example's entries
     mse = isinstance(loss, nn.MSELoss)
@@ -152,21 +152,18 @@ def _elementwise(fisher: str, loss: nn.Module, f: Tensor, n: int, mc_samples: in
         flat = f.reshape(n, entries)
         diag = torch.full_like(flat, 2 * kappa) if mse else kappa * torch.sigmoid(flat) * torch.sigmoid(-flat)
         root = diag.sqrt() * (math.sqrt(entries) / n)
-        columns = []
         for e in range(entries):
             column = torch.zeros_like(flat)
             column[:, e] = root[:, e]
-            columns.append(column.reshape(f.shape))
-        return columns
-    draws = []
+            yield column.reshape(f.shape)
+        return
     for _ in range(mc_samples):
         if mse:
             # ỹ = f + ε/√2 (the Gaussian whose NLL is (f − y)² + const): s = √κ·2(f − ỹ) = −√(2κ) ε
             eps = torch.randn(f.shape, generator=generator, dtype=f.dtype, device=f.device)
-            draws.append(eps * (-math.sqrt(2 * kappa) / n))
+            yield eps * (-math.sqrt(2 * kappa) / n)
         else:
             # ỹ ~ Bernoulli(σ(f)): s = √κ (σ(f) − ỹ)
             p = torch.sigmoid(f)
             y = torch.bernoulli(p, generator=generator)
-            draws.append((p - y) * (math.sqrt(kappa) / n))
-    return draws
+            yield (p - y) * (math.sqrt(kappa) / n)

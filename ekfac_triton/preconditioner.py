@@ -317,20 +317,20 @@ class Preconditioner:
         dtype = torch.promote_types(output.dtype, torch.float32)  # no sqrt/softmax in half precision
         vectors = curvature_grad_outputs(self.fisher, self.loss, output.detach().to(dtype), self.mc_samples,
                                          self.generator)
-        if self.loss_scale != 1.0:  # H and E[ssᵀ] scale with the loss: s by its square root
-            root = math.sqrt(self.loss_scale)
-            vectors = [v * root for v in vectors]
+        root = math.sqrt(self.loss_scale)  # H and E[ssᵀ] scale with the loss: s by its square root
         params = [p for layer in self.layers for p in layer.adapter.params]
         for layer in self.layers:
             layer.capture.curvature_pass = True
         try:
-            for v in vectors:
+            for v in vectors:  # one vector at a time: P·C type-2 columns never exist at once
+                if root != 1.0:
+                    v = v * root
                 torch.autograd.grad(output, params, grad_outputs=v.to(output.dtype), retain_graph=True,
                                     allow_unused=True)
+                self._curvature_passes += 1
         finally:
             for layer in self.layers:
                 layer.capture.curvature_pass = False
-        self._curvature_passes += len(vectors)
 
     def backward(self, output: Tensor, target: Tensor) -> Tensor:
         """``loss_scale · loss(output, target)``, the curvature backward (mc/type-2, on statistics steps), then

@@ -45,6 +45,7 @@ from torch import Tensor
 from . import ops
 from .curvature import EigenbasisCurvature
 from .curvature.tekfac import TEKFACCurvature, trace_weights
+from .layers import Conv2dAdapter, LinearAdapter
 from .preconditioner import kl_clip_scale
 
 if TYPE_CHECKING:
@@ -242,10 +243,13 @@ class CompiledStep:
         if preconditioner.fisher != "empirical":
             raise ValueError(f"Invalid compile_step with fisher={preconditioner.fisher!r}: the compiled step covers "
                              "the empirical Fisher only (one output-gradient per example)")
-        one_hot = [layer.name for layer in preconditioner.layers if layer.adapter.one_hot_inputs]
-        if one_hot:
-            raise ValueError(f"Invalid compile_step with nn.Embedding layers {one_hot}: their one-hot curvature is "
-                             "not in the compiled step (exclude them with params=...)")
+        # A whitelist: the compiled functions assume [∇W | ∇b] is the weight's plain reshape and
+        # dense inputs (an Embedding's one-hot curvature, for one, is not there)
+        other = [f"{layer.name} ({type(layer.adapter.module).__name__})" for layer in preconditioner.layers
+                 if type(layer.adapter) not in (LinearAdapter, Conv2dAdapter)]
+        if other:
+            raise ValueError(f"Invalid compile_step with layers {other}: the compiled step covers nn.Linear and "
+                             "nn.Conv2d (exclude the others with params=...)")
         self.pre = preconditioner
         self.options = dict(options)
         self.cudagraphs = self.options.get("mode") in CUDAGRAPH_MODES

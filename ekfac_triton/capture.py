@@ -116,6 +116,10 @@ class LayerCapture:
         self.curvature_grads: list[Tensor] = []
         #: what ``read_call`` returned beside the input for the captured call (eager path only)
         self.record: Any = None
+        #: eager path, with ``keep_outputs`` (mc/type-2 Fisher) on statistics steps: the module's
+        #: output of the last forward, so the curvature passes can stop there (no weight gradients)
+        self.keep_outputs = False
+        self.output: Tensor | None = None
         self.completed = 0
         self.input_shape: torch.Size | None = None
         self._read_call = read_call or _first_argument
@@ -140,6 +144,8 @@ class LayerCapture:
         x, record = self._read_call(args, kwargs)
         shape = x.shape
         inputs = x.detach() if self.enabled else None
+        if self.enabled and self.keep_outputs:
+            self.output = out
 
         def keep_grad(grad: Tensor) -> None:
             self._receive(shape, inputs, grad, copy=False, record=record)
@@ -171,6 +177,7 @@ class LayerCapture:
         self.grad_output = None
         self.curvature_grads = []
         self.record = None
+        self.output = None
         self.completed = 0
 
     def remove(self) -> None:

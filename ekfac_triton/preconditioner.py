@@ -290,6 +290,7 @@ class Preconditioner:
             layer.capture.clear()
             layer.capture.enabled = enabled
             layer.capture.keep_loss_grads = self.fisher == "empirical"
+            layer.capture.keep_outputs = self.fisher != "empirical"
 
     @property
     def statistics_due(self) -> bool:
@@ -302,8 +303,9 @@ class Preconditioner:
 
         Call it after the forward and before ``loss.backward()`` frees the graph (it retains
         it). It backpropagates each MC draw / type-2 column as ``grad_outputs`` with
-        ``torch.autograd.grad`` wrt the preconditioned layers' parameters, so no ``.grad`` is
-        touched and no forward runs again; the capture records the output-gradients it sees.
+        ``torch.autograd.grad`` wrt the preconditioned layers' outputs (eager models; a compiled
+        model's parameters), so no ``.grad`` is touched and no forward runs again; the capture
+        records the output-gradients it sees.
         Works for eager and ``torch.compile``d models.
 
         Args:
@@ -318,19 +320,25 @@ class Preconditioner:
         vectors = curvature_grad_outputs(self.fisher, self.loss, output.detach().to(dtype), self.mc_samples,
                                          self.generator)
         root = math.sqrt(self.loss_scale)  # H and E[ssᵀ] scale with the loss: s by its square root
-        params = [p for layer in self.layers for p in layer.adapter.params]
+        # Stop at the layer outputs when the eager forward kept them all: autograd then computes no
+        # weight gradient (about half of each pass; for an embedding a V x D tensor). A compiled
+        # model hides its intermediate tensors: there the passes go to the parameters.
+        outputs = [layer.capture.output for layer in self.layers]
+        targets = outputs if all(o is not None for o in outputs) else [
+            p for layer in self.layers for p in layer.adapter.params]
         for layer in self.layers:
             layer.capture.curvature_pass = True
         try:
             for v in vectors:  # one vector at a time: P·C type-2 columns never exist at once
                 if root != 1.0:
                     v = v * root
-                torch.autograd.grad(output, params, grad_outputs=v.to(output.dtype), retain_graph=True,
+                torch.autograd.grad(output, targets, grad_outputs=v.to(output.dtype), retain_graph=True,
                                     allow_unused=True)
                 self._curvature_passes += 1
         finally:
             for layer in self.layers:
                 layer.capture.curvature_pass = False
+                layer.capture.output = None  # not needed any more: do not hold it until the step
 
     def backward(self, output: Tensor, target: Tensor) -> Tensor:
         """``loss_scale · loss(output, target)``, the curvature backward (mc/type-2, on statistics steps), then

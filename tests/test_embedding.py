@@ -210,6 +210,28 @@ def test_no_vocab_squared_tensor(curvature: str) -> None:
     assert opt.preconditioner.layers[0].curvature.scaling.shape == (4, vocab)
 
 
+@pytest.mark.parametrize("fisher", ["mc", "type-2"])
+def test_eager_curvature_passes_compute_no_weight_gradient(fisher: str) -> None:
+    """The curvature passes of an eagerly run model stop at the layer outputs: no tensor of the
+    embedding's V x D size is made during them (a pass to the parameters would make one per
+    pass), while the training backward does make the V x D gradient (the guard sees it)."""
+    vocab = 50_000
+    torch.manual_seed(5)
+    model = TokenModel(vocab, 4, 3)
+    X, Y = torch.randint(0, vocab, (8, 6)), torch.randint(0, 3, (8,))
+    opt = EKFAC(model, fisher=fisher, loss=nn.CrossEntropyLoss(), seed=0)
+    output = model(X)
+    assert all(layer.capture.output is not None for layer in opt.preconditioner.layers)
+    guard = SizeGuard(limit=vocab * 4)
+    with guard:
+        opt.curvature_backward(output)
+    assert guard.largest < vocab * 4
+    assert all(layer.capture.output is None for layer in opt.preconditioner.layers)  # released
+    with pytest.raises(AssertionError, match="would create a tensor of shape"):
+        with SizeGuard(limit=vocab * 4):
+            nn.functional.cross_entropy(output, Y).backward()
+
+
 # -- unsupported configurations ------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,reason", [(dict(max_norm=1.0), "max_norm=1.0"), (dict(sparse=True), "sparse=True"),
                                            (dict(scale_grad_by_freq=True), "scale_grad_by_freq=True")])

@@ -25,10 +25,10 @@ from ekfac_triton.layers import attention as attention_module
 
 try:
     from .test_exactness import assert_rel_close
-    from .test_mac import EXACT_ONE, SEVERAL, loss_fn
+    from .test_mac import EXACT_ONE, SEVERAL, loss_fn, train_in_lockstep
 except ImportError:  # pragma: no cover
     from test_exactness import assert_rel_close
-    from test_mac import EXACT_ONE, SEVERAL, loss_fn
+    from test_mac import EXACT_ONE, SEVERAL, loss_fn, train_in_lockstep
 
 DTYPE = torch.float64
 TOL = 1e-10
@@ -193,18 +193,6 @@ class DenseAttentionMAC:
         self.step_count += 1
 
 
-def train_in_lockstep(model, opt, ref_model, ref, steps: int, what: str) -> None:
-    g = torch.Generator().manual_seed(1)
-    for k in range(steps):
-        x, y = make_data(g)
-        for mdl, o in ((model, opt), (ref_model, ref)):
-            mdl.zero_grad()
-            loss_fn(mdl(x), y).backward()
-            o.step()
-        for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
-            assert_rel_close(p, q, TOL, f"{what} step {k} {name}")
-
-
 # -- exactness ---------------------------------------------------------------------------------------
 MASKS = ["none", "causal", "padding", "float"]
 
@@ -221,7 +209,8 @@ def test_multihead_attention_equals_dense_oracle(batch_first, bias, mask, settin
     opt = MAC(model, **kw)
     assert opt.preconditioned_modules() == ["inp", "attn", "attn.out_proj", "head"]
     ref = DenseAttentionMAC(ref_model, **kw)
-    train_in_lockstep(model, opt, ref_model, ref, 1 if settings == "one" else 9, f"mha {mask}")
+    train_in_lockstep(model, opt, ref_model, ref, make_data, loss_fn, 1 if settings == "one" else 9,
+                      f"mha {mask}")
     curv = opt.preconditioner.layers[1].curvature
     assert_rel_close(curv.value_mean, ref.v_ema[("in", ref_model.attn)] / (1 - ref.beta ** ref.ema_steps), TOL, "v̂")
 
@@ -236,7 +225,8 @@ def test_fused_qkv_equals_dense_oracle(bias, causal, settings):
     spec = {"num_heads": HEADS, "causal": causal} if causal else HEADS
     opt = MAC(model, attention_layers={"qkv": spec}, **kw)
     ref = DenseAttentionMAC(ref_model, qkv_heads={ref_model.qkv: (HEADS, causal)}, **kw)
-    train_in_lockstep(model, opt, ref_model, ref, 1 if settings == "one" else 9, f"qkv causal={causal}")
+    train_in_lockstep(model, opt, ref_model, ref, make_data, loss_fn, 1 if settings == "one" else 9,
+                      f"qkv causal={causal}")
 
 
 def test_attention_spec_forms_are_equivalent():

@@ -5,10 +5,12 @@
     loss.backward(); opt.step(); opt.zero_grad()
 """
 
-from .layers import AttentionSpec
+from .discovery import register_adapter
+from .layers import AttentionSpec, LayerAdapter
 from .mac import MAC
 from .optimizer import EKFAC, KFAC, TEKFAC
 from .preconditioner import Preconditioner
 
 __version__ = "0.1.0"
-__all__ = ["EKFAC", "KFAC", "TEKFAC", "MAC", "AttentionSpec", "Preconditioner", "__version__"]
+__all__ = ["EKFAC", "KFAC", "TEKFAC", "MAC", "AttentionSpec", "LayerAdapter", "Preconditioner", "register_adapter",
+           "__version__"]

@@ -1,13 +1,29 @@
-"""Validated settings. Every bad value raises ``ValueError`` naming the argument."""
+"""Validated settings, one keyword-only config per axis, each argument documented once.
+
+* :class:`StatisticsConfig`: how the statistics are kept (EMA decay, period, dtypes, KL clip);
+* :class:`EigenConfig`: when and how eigendecompositions run (:mod:`ekfac_triton.eigen_engine`);
+* :class:`FisherConfig`: which Fisher the statistics estimate (:mod:`ekfac_triton.fisher`);
+* the curvature's own options: its ``Options`` class (:mod:`ekfac_triton.curvature.base`).
+
+:class:`PreconditionerConfig` splits the flat keyword arguments of :class:`~ekfac_triton.EKFAC`
+and :class:`~ekfac_triton.Preconditioner` among them; the docstrings of both are built from the
+``doc`` of each field here (:func:`argument_docs`), so an option is written and documented in one
+place. Every bad value raises ``ValueError`` (``TypeError`` for an unknown argument) naming it.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import textwrap
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
+from torch import nn
 
-from .curvature import CURVATURES, SCALINGS
+from .curvature import Curvature, CurvatureOptions, curvature_class
+from .curvature.base import check_bool, is_number
+from .fisher import check_fisher
 
 BACKENDS = ("auto", "triton", "torch")
 #: dtypes the statistics (factors) and the eigenbases (with the scalings) may be kept in: they
@@ -16,27 +32,34 @@ BACKENDS = ("auto", "triton", "torch")
 STATE_DTYPES = (torch.float32, torch.float64)
 
 
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def doc(text: str, default: Any = None, **kwargs: Any) -> Any:
+    """A dataclass field with its documentation (rendered by :func:`argument_docs`)."""
+    return field(default=default, metadata={"doc": " ".join(text.split())}, **kwargs)
 
 
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"Invalid {name}={value!r}: must be an integer >= {minimum}")
+
+
+# -- the per-group hyperparameters ----------------------------------------------------------------
 def check_lr(lr: object) -> None:
-    if not _is_number(lr) or lr < 0:
+    if not is_number(lr) or lr < 0:
         raise ValueError(f"Invalid lr={lr!r}: must be a finite number >= 0")
 
 
 def check_damping(damping: object) -> None:
-    if not _is_number(damping) or damping <= 0:
+    if not is_number(damping) or damping <= 0:
         raise ValueError(f"Invalid damping={damping!r}: must be a finite number > 0")
 
 
 def check_momentum(momentum: object) -> None:
-    if not _is_number(momentum) or not 0 <= momentum < 1:
+    if not is_number(momentum) or not 0 <= momentum < 1:
         raise ValueError(f"Invalid momentum={momentum!r}: must be in [0, 1)")
 
 
 def check_weight_decay(weight_decay: object) -> None:
-    if not _is_number(weight_decay) or weight_decay < 0:
+    if not is_number(weight_decay) or weight_decay < 0:
         raise ValueError(f"Invalid weight_decay={weight_decay!r}: must be a finite number >= 0")
 
 
@@ -48,56 +71,199 @@ def check_group(group: dict) -> None:
     check_weight_decay(group["weight_decay"])
 
 
+# -- the axes ---------------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
-class PreconditionerConfig:
-    """Settings of the curvature engine shared by all layers (see :class:`~ekfac_triton.EKFAC`)."""
+class StatisticsConfig:
+    """How each layer's statistics are kept."""
 
-    curvature: str = "ekfac"
-    factor_decay: float = 0.95
-    factor_every: int = 1
-    eigen_every: int = 10
-    scaling: str = "per_example"
-    backend: str = "auto"
-    kl_clip: float | None = None
-    effective_damping: bool = False
-    stagger: bool = True
-    synchronous: bool | None = None
-    float64_max_dim: int | None = None
-    warm_starts: int = 0
-    factor_dtype: torch.dtype | None = None
-    basis_dtype: torch.dtype | None = None
+    factor_decay: float = doc("EMA decay of the factors and scalings, in [0, 1); bias-corrected, so the first "
+                              "update sets a factor to its batch estimate.", 0.95)
+    factor_every: int = doc("update the factors (and per-example scalings) every this many steps.", 1)
+    backend: str = doc("which implementation runs the kernel families: ``\"auto\"`` (the torch references "
+                       "for now), ``\"torch\"`` or ``\"triton\"`` (needs a CUDA device).", "auto")
+    kl_clip: float | None = doc("None, or the KL-clip size: the preconditioned directions are scaled by "
+                                "``min(1, sqrt(kl_clip / |Σ lr²⟨v, g⟩|))`` (kfac-pytorch's semantics).")
+    factor_dtype: torch.dtype | None = doc("dtype of the factors, ``torch.float32`` or ``torch.float64``; None: "
+                                           "float64 for float64 layers, else float32. bf16/fp16 activations and "
+                                           "output-gradients (autocast) are accumulated in it.")
+    basis_dtype: torch.dtype | None = doc("dtype of the eigenbases, eigenvalues and scalings (and of the "
+                                          "preconditioning arithmetic), ``torch.float32`` or ``torch.float64``; "
+                                          "None: the factors' dtype.")
+    grad_scaler: Any = doc("the ``torch.amp.GradScaler`` whose scaled loss is backpropagated (fp16 training), or "
+                           "None. The captured output-gradients carry its scale, which the statistics divide out.")
 
     def __post_init__(self) -> None:
-        if self.curvature not in CURVATURES:
-            raise ValueError(f"Invalid curvature={self.curvature!r}: must be one of {tuple(CURVATURES)}")
-        if self.scaling not in SCALINGS:
-            raise ValueError(f"Invalid scaling={self.scaling!r}: must be one of {SCALINGS}")
         if self.backend not in BACKENDS:
             raise ValueError(f"Invalid backend={self.backend!r}: must be one of {BACKENDS}")
-        if not _is_number(self.factor_decay) or not 0 <= self.factor_decay < 1:
+        if not is_number(self.factor_decay) or not 0 <= self.factor_decay < 1:
             raise ValueError(f"Invalid factor_decay={self.factor_decay!r}: must be in [0, 1)")
-        for name in ("factor_every", "eigen_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Invalid {name}={value!r}: must be an integer >= 1")
-        if self.kl_clip is not None and (not _is_number(self.kl_clip) or self.kl_clip <= 0):
+        _check_int("factor_every", self.factor_every, 1)
+        if self.kl_clip is not None and (not is_number(self.kl_clip) or self.kl_clip <= 0):
             raise ValueError(f"Invalid kl_clip={self.kl_clip!r}: must be None or a number > 0")
-        if not isinstance(self.effective_damping, bool):
-            raise ValueError(f"Invalid effective_damping={self.effective_damping!r}: must be a bool")
-        if not isinstance(self.warm_starts, int) or isinstance(self.warm_starts, bool) or self.warm_starts < 0:
-            raise ValueError(f"Invalid warm_starts={self.warm_starts!r}: must be an integer >= 0")
-        for name in ("stagger",):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"Invalid {name}={getattr(self, name)!r}: must be a bool")
-        if self.synchronous is not None and not isinstance(self.synchronous, bool):
-            raise ValueError(f"Invalid synchronous={self.synchronous!r}: must be None or a bool")
-        if self.float64_max_dim is not None and (not isinstance(self.float64_max_dim, int)
-                                                 or isinstance(self.float64_max_dim, bool) or self.float64_max_dim < 0):
-            raise ValueError(f"Invalid float64_max_dim={self.float64_max_dim!r}: must be None or an integer >= 0")
         for name in ("factor_dtype", "basis_dtype"):
             value = getattr(self, name)
             if value is not None and value not in STATE_DTYPES:
                 raise ValueError(f"Invalid {name}={value!r}: must be None, torch.float32 or torch.float64")
-        if self.effective_damping and self.curvature != "tekfac":
-            raise ValueError(f"Invalid effective_damping=True with curvature={self.curvature!r}: "
-                             "effective damping is TEKFAC's (Gao et al. 2020, Eq. 3.5)")
+        if self.grad_scaler is not None and not isinstance(self.grad_scaler, torch.amp.GradScaler):
+            raise ValueError(f"Invalid grad_scaler={self.grad_scaler!r}: must be None or a torch.amp.GradScaler")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EigenConfig:
+    """When and how the eigendecompositions run (:class:`~ekfac_triton.eigen_engine.EigenEngine`)."""
+
+    eigen_every: int = doc("recompute each layer's eigenbasis every this many steps (MAC: the refresh period of "
+                           "its mean snapshot); a layer's first statistics step always computes its first basis.",
+                           10)
+    stagger: bool = doc("give each layer an offset in [0, eigen_every) chosen by its estimated eigendecomposition "
+                        "cost, so that no step refreshes every layer (the first does).", True)
+    synchronous: bool | None = doc("True: refresh bases on the due step (reproducible); False: on a worker thread "
+                                   "(a side CUDA stream on GPU), the new basis installed at the first step boundary "
+                                   "after it is ready. None: True on CPU and with ``eigen_every=1``, else False.")
+    float64_max_dim: int | None = doc("factors up to this dimension are eigendecomposed in float64; None: 1024 on "
+                                      "CUDA (where float64 eigh is as fast, ARCHITECTURE.md), 0 on CPU.")
+    warm_starts: int = doc("after each full eigh, a layer's next ``warm_starts`` refreshes are one step of "
+                           "subspace iteration with QR from its previous basis (cheaper), then a full eigh again.", 0)
+
+    def __post_init__(self) -> None:
+        _check_int("eigen_every", self.eigen_every, 1)
+        check_bool("stagger", self.stagger)
+        if self.synchronous is not None:
+            check_bool("synchronous", self.synchronous)
+        if self.float64_max_dim is not None:
+            _check_int("float64_max_dim", self.float64_max_dim, 0)
+        _check_int("warm_starts", self.warm_starts, 0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FisherConfig:
+    """Which Fisher the statistics estimate (:mod:`ekfac_triton.fisher`)."""
+
+    fisher: str = doc("``\"empirical\"`` (output-gradients of the training loss, no extra cost), ``\"mc\"`` "
+                      "(targets drawn from the model's predictive distribution, ``mc_samples`` extra backward "
+                      "passes per statistics step) or ``\"type-2\"`` (the exact Gauss-Newton through a factor of "
+                      "the loss Hessian: P·C extra backward passes per statistics step, C classes or outputs at "
+                      "each of P output positions, and P·C times the output-gradient memory). mc and type-2 need "
+                      "``loss`` and a curvature backward (``backward`` or ``curvature_backward``) on every "
+                      "statistics step; they are not defined for ``curvature=\"mac\"``.", "empirical")
+    loss: nn.Module | None = doc("the training loss, an ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or "
+                                 "``nn.BCEWithLogitsLoss`` with reduction ``\"mean\"``. Required for mc/type-2; "
+                                 "optional for empirical (it lets ``backward`` compute the loss).")
+    mc_samples: int = doc("MC draws per example (>= 1; only with ``fisher=\"mc\"``).", 1)
+    loss_scale: float = doc("the training loss is ``loss_scale · loss(output, target)`` (e.g. the number of "
+                            "entries of an example, for a loss summed over pixels or tokens): mc/type-2 estimate "
+                            "the curvature of that scaled loss and ``backward`` trains on it.", 1.0)
+    seed: int | None = doc("seed of the MC generator (on the model's device, saved in ``state_dict``); None: "
+                           "drawn from torch's global RNG.")
+
+    def __post_init__(self) -> None:
+        check_fisher(self.fisher, self.mc_samples, self.loss)
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"Invalid seed={self.seed!r}: must be None or an integer")
+        if not is_number(self.loss_scale) or self.loss_scale <= 0:
+            raise ValueError(f"Invalid loss_scale={self.loss_scale!r}: must be a finite number > 0")
+
+
+AXES: tuple[type, ...] = (StatisticsConfig, EigenConfig, FisherConfig)
+
+
+def _docs_of(cls: type) -> dict[str, str]:
+    return {f.name: f.metadata["doc"] for f in fields(cls) if "doc" in f.metadata}
+
+
+def _options_docs(options: type[CurvatureOptions]) -> dict[str, str]:
+    """A curvature's options documented from its class docstring's ``Attributes:`` entries."""
+    lines = textwrap.dedent((options.__doc__ or "").split("Attributes:", 1)[-1]).splitlines()
+    out: dict[str, list[str]] = {}
+    name = None
+    for line in lines:
+        head = line.strip().split(":", 1)
+        if line and not line.startswith(" ") and len(head) == 2 and head[0] in options.names():
+            name = head[0]
+            out[name] = [head[1].strip()]
+        elif name is not None and line.strip():
+            out[name].append(line.strip())
+    return {k: " ".join(v) for k, v in out.items()}
+
+
+def argument_docs(*names: str, curvatures: tuple[type[Curvature], ...] = ()) -> str:
+    """Google-style ``Args:`` entries of ``names`` (every axis argument when empty) and of the
+    options of ``curvatures``, for the docstrings of the public classes."""
+    docs: dict[str, str] = {}
+    for cls in AXES:
+        docs.update(_docs_of(cls))
+    for curv in curvatures:
+        for key, text in _options_docs(curv.Options).items():
+            docs.setdefault(key, f"{text} ({curv.name})" if key != "scaling" else text)
+    chosen = names or tuple(docs)
+    return "\n".join(textwrap.fill(f"{n}: {docs[n]}", 96, initial_indent=" " * 8, subsequent_indent=" " * 12)
+                     for n in chosen)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreconditionerConfig:
+    """Every setting of the curvature engine, split by axis (see the module docstring)."""
+
+    curvature_class: type[Curvature]
+    options: CurvatureOptions
+    statistics: StatisticsConfig
+    eigen: EigenConfig
+    fisher: FisherConfig
+
+    @classmethod
+    def from_arguments(cls, curvature: str | type[Curvature], arguments: dict[str, Any]) -> PreconditionerConfig:
+        """Split flat keyword ``arguments`` among the axes and the curvature's options."""
+        curv = curvature_class(curvature)
+        split: dict[type, dict[str, Any]] = {axis: {} for axis in (*AXES, curv.Options)}
+        owners = {f.name: axis for axis in (*AXES, curv.Options) for f in fields(axis)}
+        for name, value in arguments.items():
+            axis = owners.get(name)
+            if axis is None:
+                known = {f.name for a in AXES for f in fields(a)}
+                for other in (c for c in _all_curvatures() if name in c.Options.names()):
+                    raise ValueError(f"Invalid {name}={value!r} with curvature={curv.name!r}: {name} is an option of "
+                                     f"curvature={other.name!r}")
+                raise TypeError(f"Invalid argument {name}={value!r}: not a setting of ekfac_triton "
+                                f"(known: {sorted(known | set(curv.Options.names()))})")
+            split[axis][name] = value
+        return cls(curvature_class=curv, options=curv.Options(**split[curv.Options]),
+                   statistics=StatisticsConfig(**split[StatisticsConfig]), eigen=EigenConfig(**split[EigenConfig]),
+                   fisher=FisherConfig(**split[FisherConfig]))
+
+    # the settings the step reads most, by their argument names
+    @property
+    def curvature(self) -> str:
+        return self.curvature_class.name
+
+    @property
+    def scaling(self) -> str:
+        return self.options.scaling
+
+    @property
+    def factor_decay(self) -> float:
+        return self.statistics.factor_decay
+
+    @property
+    def factor_every(self) -> int:
+        return self.statistics.factor_every
+
+    @property
+    def eigen_every(self) -> int:
+        return self.eigen.eigen_every
+
+    @property
+    def kl_clip(self) -> float | None:
+        return self.statistics.kl_clip
+
+
+def _all_curvatures() -> list[type[Curvature]]:
+    from .curvature import CURVATURES
+
+    return list(CURVATURES.values())
+
+
+def check_number_of(name: str, value: object) -> float:
+    """``value`` as a float, or ValueError naming ``name``."""
+    if not is_number(value) or not math.isfinite(value):
+        raise ValueError(f"Invalid {name}={value!r}: must be a finite number")
+    return float(value)

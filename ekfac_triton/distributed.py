@@ -49,17 +49,18 @@ assumption); the statistics are exact either way.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .curvature import RefreshRequest
 from .eigen import Eigh
-from .eigen_engine import Decomposition, stagger_offsets
+from .eigen_engine import Decomposition, EigenEngine, stagger_offsets
 
-__all__ = ["DataParallel", "average_gradients", "resolve_process_group", "unwrap_model", "assign_owners"]
+__all__ = ["DataParallel", "SingleProcess", "average_gradients", "resolve_process_group", "unwrap_model", "assign_owners"]
 
 
 def _ddp_class():
@@ -134,9 +135,44 @@ def _unflatten(flat: Tensor, tensors: Sequence[Tensor]) -> None:
 class Agreement:
     """What all ranks agree on at the start of a step."""
 
-    finite: bool
+    #: whether every checked value was finite (a device tensor for a single process: no sync yet)
+    finite: bool | Tensor
     #: per layer, the number of examples over all ranks (0 for layers without a gradient)
     examples: list[int]
+
+
+class SingleProcess:
+    """The default distribution strategy: one process, no collective. :class:`DataParallel` has
+    the same interface (the step's phases call it the same way)."""
+
+    rank, world_size = 0, 1
+
+    def agree(self, local_finite: Tensor, examples: Sequence[int]) -> Agreement:
+        return Agreement(finite=local_finite, examples=list(examples))
+
+    def average(self, tensors: Sequence[Tensor], weights: Sequence[float]) -> None:
+        pass
+
+    def refresh(self, requests: Sequence[RefreshRequest], eigen: EigenEngine,
+                ) -> dict[int, Decomposition]:
+        """Run the due decompositions: the synchronous ones now (returned for installing), the
+        others on the engine's worker."""
+        results = {}
+        for r in requests:
+            if r.synchronous:
+                results[r.index] = eigen.decompose(r.in_factor, r.out_factor, r.warm)
+            else:
+                eigen.submit(r.index, r.in_factor, r.out_factor, r.warm)
+        return results
+
+    def finished(self, eigen: EigenEngine, factors_of: Callable[[int], tuple[Tensor, Tensor]],
+                 ) -> dict[int, Decomposition]:
+        """Asynchronous refreshes to install now: whatever the worker has finished."""
+        return eigen.collect()
+
+    def cancel(self, eigen: EigenEngine) -> None:
+        """Drop the refreshes in flight (a state_dict is being loaded)."""
+        eigen.cancel()
 
 
 class DataParallel:
@@ -233,6 +269,44 @@ class DataParallel:
                         unpacked = Decomposition(unpacked.new_in, unpacked.new_out, results[i].note)
                     shared[i] = unpacked
         return shared
+
+
+    # -- the refresh strategy (the interface of SingleProcess) ----------------------------------------
+    def refresh(self, requests: Sequence[RefreshRequest], eigen: EigenEngine) -> dict[int, Decomposition]:
+        """Each due decomposition on its owner rank only: the synchronous ones broadcast now (and
+        returned on every rank), the others submitted to the owner's worker and shared at the start
+        of the next step (:meth:`finished`)."""
+        if not requests:
+            return {}
+        owners = self.owners([r.index for r in requests])
+        results: dict[int, Decomposition] = {}
+        shared_now: dict[int, int] = {}  # synchronous refreshes to broadcast: layer -> owner
+        for r in requests:
+            (shared_now if r.synchronous else self.in_flight)[r.index] = owners[r.index]
+            if owners[r.index] != self.rank:
+                continue
+            if r.synchronous:
+                results[r.index] = eigen.decompose(r.in_factor, r.out_factor, r.warm)
+            else:
+                eigen.submit(r.index, r.in_factor, r.out_factor, r.warm)
+        if not shared_now:
+            return {}
+        return self.share(shared_now, results, {r.index: (r.in_factor, r.out_factor) for r in requests
+                                                if r.index in shared_now})
+
+    def finished(self, eigen: EigenEngine, factors_of: Callable[[int], tuple[Tensor, Tensor]],
+                 ) -> dict[int, Decomposition]:
+        """The refreshes submitted on the last step, waited for and broadcast by their owners."""
+        if not self.in_flight:
+            return {}
+        eigen.wait()
+        shared = self.share(self.in_flight, eigen.collect(), {i: factors_of(i) for i in self.in_flight})
+        self.in_flight = {}
+        return shared
+
+    def cancel(self, eigen: EigenEngine) -> None:
+        eigen.cancel()
+        self.in_flight = {}
 
 
 def _by_dtype_index(indices: Sequence[int], factors: dict[int, tuple[Tensor, Tensor]]) -> dict[torch.dtype, list[int]]:

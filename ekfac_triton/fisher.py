@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -167,3 +168,67 @@ def _elementwise(fisher: str, loss: nn.Module, f: Tensor, n: int, mc_samples: in
             p = torch.sigmoid(f)
             y = torch.bernoulli(p, generator=generator)
             yield (p - y) * (math.sqrt(kappa) / n)
+
+
+# -- the backward passes, as the preconditioner runs them ----------------------------------------
+def curvature_backward(pre: Any, output: Tensor) -> None:
+    """The curvature backward passes of ``fisher="mc"`` / ``"type-2"`` on the model output of
+    this step's forward, for :meth:`ekfac_triton.Preconditioner.curvature_backward` (a no-op for
+    ``"empirical"`` and on steps without statistics).
+
+    Each MC draw / type-2 column is backpropagated as ``grad_outputs`` with
+    ``torch.autograd.grad`` down to the preconditioned layers' outputs when the eager forward kept
+    them all (autograd then computes no weight gradient: about half of each pass; for an embedding
+    a V x D tensor), else to the parameters (a compiled model hides its intermediate tensors). No
+    ``.grad`` is touched and no forward runs again; the capture records what arrives.
+    """
+    config = pre.config.fisher
+    if config.fisher == "empirical" or not pre.statistics_due:
+        return
+    if not isinstance(output, Tensor) or not output.requires_grad:
+        raise ValueError("Invalid output: curvature_backward needs the model output with its graph "
+                         "(requires_grad=True), before loss.backward() frees it")
+    dtype = torch.promote_types(output.dtype, torch.float32)  # no sqrt/softmax in half precision
+    vectors = curvature_grad_outputs(config.fisher, config.loss, output.detach().to(dtype), config.mc_samples,
+                                     pre.generator)
+    root = math.sqrt(config.loss_scale)  # H and E[ssᵀ] scale with the loss: s by its square root
+    outputs = [layer.capture.output for layer in pre.layers]
+    targets = outputs if all(o is not None for o in outputs) else [
+        p for layer in pre.layers for p in layer.adapter.params]
+    for layer in pre.layers:
+        layer.capture.curvature_pass = True
+    try:
+        for v in vectors:  # one vector at a time: P·C type-2 columns never exist at once
+            if root != 1.0:
+                v = v * root
+            torch.autograd.grad(output, targets, grad_outputs=v.to(output.dtype), retain_graph=True,
+                                allow_unused=True)
+            pre._curvature_passes += 1
+    finally:
+        for layer in pre.layers:
+            layer.capture.curvature_pass = False
+            layer.capture.output = None  # not needed any more: do not hold it until the step
+
+
+def training_backward(pre: Any, output: Tensor, target: Tensor) -> Tensor:
+    """``loss_scale · loss(output, target)``, the curvature backward (mc/type-2, on statistics
+    steps), then ``loss.backward()`` (through the GradScaler when one is enabled); returns the
+    loss, detached and unscaled (:meth:`ekfac_triton.Preconditioner.backward`)."""
+    config = pre.config.fisher
+    if config.loss is None:
+        raise ValueError("Invalid loss=None: backward(output, target) needs the loss module given at "
+                         "construction (loss=...)")
+    loss = config.loss(output, target)
+    if config.loss_scale != 1.0:
+        loss = loss * config.loss_scale
+    if (config.fisher != "empirical" and pre.statistics_due and isinstance(config.loss, nn.CrossEntropyLoss)
+            and bool((target == config.loss.ignore_index).any())):
+        raise ValueError(f"Invalid target: it contains ignore_index={config.loss.ignore_index}, which "
+                         f"fisher={config.fisher!r} does not model (every position gets curvature)")
+    curvature_backward(pre, output)
+    scaler = pre.config.statistics.grad_scaler
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()  # fp16: as the user's own loop would
+    else:
+        loss.backward()
+    return loss.detach()

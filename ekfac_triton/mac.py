@@ -148,7 +148,7 @@ class MAC(EKFAC):
             at that layer), never refreshed. Costs a d_in̄ x d_in̄ matrix for that layer.
         first_layer_data: an iterable of inputs or ``(inputs, ...)`` batches (required with
             ``first_layer="dense"``).
-        attention_layers: fused q/k/v projections to precondition as attention (DESIGN §5), as
+        attention_layers: fused q/k/v projections to precondition as attention (ARCHITECTURE.md, "MAC"), as
             ``{module name: spec}`` with spec the number of heads, an :class:`AttentionSpec`
             (``num_heads``, ``causal``) or a dict with those keys; e.g.
             ``{"blocks.0.attn.qkv": 4}`` or ``{"h.0.attn.c_attn": {"num_heads": 12, "causal": True}}``.

@@ -1,5 +1,16 @@
-"""The kernel families as the optimizer calls them: the Triton launchers when the resolved
-backend is ``"triton"``, the torch references otherwise (see :mod:`ekfac_triton.backend`).
+"""The kernel families as the step calls them, with one calling convention for the eager and the
+compiled step.
+
+Each function takes its step-varying numbers (EMA weights, lr, damping) either as Python floats
+or as 0-dim tensors, and an optional device flag ``finite``:
+
+* floats and ``finite=None`` (the eager step): the Triton launcher when the resolved backend is
+  ``"triton"``, else the torch reference, with the EMA fused into the kernel's epilogue and every
+  update in place;
+* tensors or a ``finite`` flag (the compiled step, :mod:`ekfac_triton.step.execution`): the
+  kernel computes the batch term with the constant weights ``(alpha=1, beta=0)`` into a fresh
+  tensor, and the EMA and the commit ``where(finite, new, old)`` are plain tensor code that
+  inductor fuses. A state update whose ``finite`` flag is False leaves the state bit for bit.
 
 The Triton launchers themselves fall back to the reference for what their kernels do not cover
 (float64 state, tensors off CUDA, R > 1 per-example scalings), so ``backend="triton"`` is always
@@ -10,40 +21,115 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from . import kernels
 
-__all__ = ["factor_update", "precondition", "per_example_scaling", "moment_update", "mac_update"]
+__all__ = ["Scalar", "commit", "ema", "factor_update", "precondition", "per_example_scaling", "moment_update",
+           "mac_update"]
+
+#: a step-varying number: a Python float (eager) or a 0-dim tensor (compiled)
+Scalar = float | Tensor
 
 
-def factor_update(C: Tensor, X: Tensor, *, alpha: float, beta: float, bias: bool, weights: Tensor | None = None,
-                  backend: str) -> Tensor:
+def _fused(finite: Tensor | None, *scalars: object) -> bool:
+    """Whether the in-place, EMA-in-the-epilogue form applies (floats, no device mask)."""
+    return finite is None and not any(isinstance(s, Tensor) for s in scalars)
+
+
+def commit(state: Tensor, new: Tensor, finite: Tensor | None) -> None:
+    """``state <- new``, or where ``finite`` (a 0-dim bool tensor) is False leave it bit for bit."""
+    state.copy_(new if finite is None else torch.where(finite, new, state))
+
+
+def ema(state: Tensor, update: Tensor, beta: Scalar, alpha: Scalar, finite: Tensor | None = None) -> Tensor:
+    """``state <- beta*state + alpha*update`` (``update`` is a temporary and may be overwritten).
+
+    In place with float weights: ``beta == 0`` (an EMA's first update) ignores the old state even
+    when it is not finite. With tensor weights the old state is multiplied by beta; the engine
+    decides such first updates on the host, so the state is finite there.
+    """
+    if _fused(finite, beta, alpha):
+        if beta == 0.0:
+            state.copy_(update.mul_(alpha))
+        else:
+            state.mul_(beta).add_(update, alpha=alpha)
+        return state
+    commit(state, state * beta + update * alpha, finite)
+    return state
+
+
+def factor_update(C: Tensor, X: Tensor, *, alpha: Scalar, beta: Scalar, bias: bool, weights: Tensor | None = None,
+                  finite: Tensor | None = None, backend: str) -> Tensor:
     """``C <- beta*C + alpha * X̄ᵀ diag(weights) X̄`` (:mod:`ekfac_triton.kernels.factor_accumulation`)."""
     fn = kernels.factor_update if backend == "triton" else kernels.factor_update_reference
-    return fn(C, X, alpha=alpha, beta=beta, bias=bias, weights=weights)
+    if _fused(finite, alpha, beta):
+        return fn(C, X, alpha=alpha, beta=beta, bias=bias, weights=weights)
+    batch = fn(torch.empty_like(C), X, alpha=1.0, beta=0.0, bias=bias, weights=weights)
+    return ema(C, batch, beta, alpha, finite)
 
 
-def precondition(grad: Tensor, q_out: Tensor, q_in: Tensor, scaling: Tensor, damping: float | Tensor, *,
-                 batch_update: tuple[float, float, int] | None = None, backend: str) -> Tensor:
-    """``Q_out [(Q_outᵀ grad Q_in) / (S + λ)] Q_inᵀ`` (:mod:`ekfac_triton.kernels.eigenbasis_projection`)."""
-    fn = kernels.precondition if backend == "triton" else kernels.precondition_reference
-    return fn(grad, q_out, q_in, scaling, damping, batch_update=batch_update)
-
-
-def per_example_scaling(S: Tensor, g: Tensor, a: Tensor, q_out: Tensor, q_in: Tensor, *, alpha: float, beta: float,
-                        bias: bool, backend: str) -> Tensor:
-    """EKFAC's per-example scaling update (:mod:`ekfac_triton.kernels.eigenbasis_projection`)."""
+def per_example_scaling(S: Tensor, g: Tensor, a: Tensor, q_out: Tensor, q_in: Tensor, *, alpha: Scalar,
+                        beta: Scalar, bias: bool, finite: Tensor | None = None, backend: str) -> Tensor:
+    """``S <- beta*S + alpha * Σ_n (Σ_s (Q_outᵀ ĝ_ns)(Q_inᵀ ā_ns)ᵀ)²``, EKFAC's per-example scaling
+    (:mod:`ekfac_triton.kernels.eigenbasis_projection`)."""
     fn = kernels.per_example_scaling if backend == "triton" else kernels.per_example_scaling_reference
-    return fn(S, g, a, q_out, q_in, alpha=alpha, beta=beta, bias=bias)
+    if _fused(finite, alpha, beta):
+        return fn(S, g, a, q_out, q_in, alpha=alpha, beta=beta, bias=bias)
+    batch = fn(torch.empty_like(S), g, a, q_out, q_in, alpha=1.0, beta=0.0, bias=bias)
+    return ema(S, batch, beta, alpha, finite)
+
+
+def precondition(grad: Tensor, q_out: Tensor, q_in: Tensor, scaling: Tensor, damping: Scalar, *,
+                 batch_update: tuple[Scalar, Scalar] | None = None, finite: Tensor | None = None,
+                 backend: str) -> Tensor:
+    """``Q_out [(Q_outᵀ grad Q_in) / (S + λ)] Q_inᵀ`` (:mod:`ekfac_triton.kernels.eigenbasis_projection`).
+
+    ``batch_update = (beta, alpha_n)``: EKFAC's ``batch`` scaling, ``S <- beta*S + alpha_n * P²``
+    with P the projected gradient, before dividing by S (alpha_n is the EMA weight times N).
+    """
+    fn = kernels.precondition if backend == "triton" else kernels.precondition_reference
+    if batch_update is None:
+        return fn(grad, q_out, q_in, scaling, damping)
+    beta, alpha_n = batch_update
+    if _fused(finite, beta, alpha_n):
+        return fn(grad, q_out, q_in, scaling, damping, batch_update=(beta, alpha_n, 1))
+    # the kernel's epilogue takes its EMA weights as constants: plain tensor code here
+    projected = q_out.T @ grad @ q_in
+    updated = scaling * beta + projected.square() * alpha_n
+    commit(scaling, updated, finite)
+    return q_out @ (projected / (updated + damping)) @ q_in.T
 
 
 def moment_update(params: Sequence[Tensor], directions: Sequence[Tensor], buffers: Sequence[Tensor | None], *,
-                  lr: float | Tensor, momentum: float, weight_decay: float, scales: Sequence[Tensor | None],
-                  backend: str) -> None:
-    """Weight decay, momentum, KL-clip scale and the update (:mod:`ekfac_triton.kernels.moment_update`)."""
-    fn = kernels.moment_update if backend == "triton" else kernels.moment_update_reference
-    fn(params, directions, buffers, lr=lr, momentum=momentum, weight_decay=weight_decay, scales=scales)
+                  lr: Scalar, momentum: float, weight_decay: float, scales: Sequence[Tensor | None],
+                  decoupled: bool = False, finite: Tensor | None = None, backend: str) -> None:
+    """Weight decay, momentum, KL-clip scale and the update (:mod:`ekfac_triton.kernels.moment_update`).
+
+    ``decoupled``: ``p <- p·(1 − lr·weight_decay)`` first and no L2 term (Loshchilov & Hutter).
+    """
+    if decoupled and weight_decay != 0.0:
+        shrink = 1.0 - lr * weight_decay
+        if finite is None:
+            torch._foreach_mul_(list(params), shrink)
+        else:
+            for p in params:
+                commit(p, p * shrink, finite)
+        weight_decay = 0.0
+    if finite is None:
+        fn = kernels.moment_update if backend == "triton" else kernels.moment_update_reference
+        fn(params, directions, buffers, lr=lr, momentum=momentum, weight_decay=weight_decay, scales=scales)
+        return
+    # masked (compiled step): the reference's formula, each state committed where finite
+    for p, d, m, nu in zip(params, directions, buffers, scales):
+        u = d.to(p.dtype) if nu is None else d.to(p.dtype) * nu.to(p.dtype)
+        if weight_decay != 0.0:
+            u = u + p * weight_decay
+        if momentum != 0.0:
+            u = m * momentum + u
+            commit(m, u, finite)
+        commit(p, p - u * lr, finite)
 
 
 def mac_update(weight: Tensor, weight_grad: Tensor, weight_buffer: Tensor | None, bias: Tensor | None,

@@ -4,14 +4,10 @@ positions summed before squaring under weight sharing)."""
 
 from __future__ import annotations
 
-from ..layers import LayerBatch
-from .base import EigenbasisCurvature
+from .eigenbasis import EigenbasisCurvature
 
 
 class EKFACCurvature(EigenbasisCurvature):
     """Factors as K-FAC; the scaling S estimated per example, per position or from the batch."""
 
     name = "ekfac"
-
-    def _factor_weights(self, batch: LayerBatch):
-        return None, None

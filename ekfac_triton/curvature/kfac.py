@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-from ..layers import LayerBatch
-from .base import EigenbasisCurvature
+from .eigenbasis import EigenbasisCurvature
 
 
 class KFACCurvature(EigenbasisCurvature):
@@ -12,6 +11,3 @@ class KFACCurvature(EigenbasisCurvature):
 
     name = "kfac"
     estimates_scaling = False
-
-    def _factor_weights(self, batch: LayerBatch):
-        return None, None

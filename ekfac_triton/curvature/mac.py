@@ -27,13 +27,14 @@ R by ``(C + ρI)⁻¹`` (no ρ factor, never refreshed), C the mean of x̃x̃ᵀ
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from .. import ops
 from ..layers import LayerBatch
-from .base import Curvature, LayerShape, ema_weights
+from .base import Curvature, CurvatureOptions, LayerShape, ema_weights
 
 if TYPE_CHECKING:
     from ..eigen_engine import EigenEngine
@@ -44,14 +45,64 @@ def mac_precondition_reference(grad: Tensor, mean: Tensor, sq_norm: Tensor | flo
     return torch.addr(grad, (grad @ mean) / (damping + sq_norm), mean, alpha=-1)
 
 
+class MACStatistics(NamedTuple):
+    """The EMA of one layer's mean input row, ``m̂ <- β m̂ + α ā_t``, and for attention layers of
+    ``v = X̄ᵀ p̄`` (X̄ the (R, d_in) batch mean per token), with ``(β, α) = scalars[at:at+2]``."""
+
+    mean_ema: Tensor
+    value_ema: Tensor | None
+    a: Tensor
+    token_weights: Tensor | None
+    at: int
+    d_in: int
+    bias: bool
+
+    def run(self, scalars: Any, finite: Tensor | None, backend: str) -> None:
+        beta, alpha = scalars[self.at], scalars[self.at + 1]
+        dtype, d = self.mean_ema.dtype, self.d_in
+        ops.ema(self.mean_ema[:d], self.a.reshape(-1, self.a.shape[-1]).mean(dim=0, dtype=dtype), beta, alpha, finite)
+        if self.bias:
+            ops.ema(self.mean_ema[d:], torch.ones_like(self.mean_ema[d:]), beta, alpha, finite)
+        if self.value_ema is None:
+            return
+        p = self.token_weights
+        if p is None:
+            raise ValueError("an attention layer's batch has no attention weights (token_weights)")
+        p = p.to(dtype)
+        ops.ema(self.value_ema[:d], self.a.mean(dim=0, dtype=dtype).T @ p, beta, alpha, finite)
+        if self.bias:  # X̄'s bias column is 1: that entry of v is Σ_j p̄_j
+            ops.ema(self.value_ema[d:], p.sum().reshape(1), beta, alpha, finite)
+
+
+class MACDirection(NamedTuple):
+    """``D = G − (G m̂) m̂ᵀ / (ρ + ‖m̂‖²)`` per block of rows with its own vector, or
+    ``G (C + ρI)⁻¹`` with a dense inverse; ρ = ``scalars[at]``."""
+
+    grad: Tensor
+    blocks: tuple[tuple[slice, Tensor, Tensor], ...]
+    dense_inverse: Tensor | None
+    at: int
+
+    def run(self, scalars: Any, finite: Tensor | None, backend: str) -> Tensor:
+        if self.dense_inverse is not None:
+            return self.grad.to(self.dense_inverse.dtype) @ self.dense_inverse
+        damping = scalars[self.at]
+        grad = self.grad.to(self.blocks[0][1].dtype)
+        if len(self.blocks) == 1:
+            return mac_precondition_reference(grad, self.blocks[0][1], self.blocks[0][2], damping)
+        return torch.cat([mac_precondition_reference(grad[rows], vec, sq, damping) for rows, vec, sq in self.blocks])
+
+
 class MACCurvature(Curvature):
     """Per-layer MAC state: the EMA of the mean input row, and the snapshot the steps apply."""
 
     name = "mac"
     inputs_only = True
 
-    def __init__(self, shape: LayerShape, dtype: torch.dtype, device: torch.device, scaling: str = "per_example"):
-        # ``scaling`` is an EKFAC/TEKFAC setting; MAC has none (accepted for the common constructor).
+    def __init__(self, shape: LayerShape, dtype: torch.dtype, device: torch.device,
+                 options: CurvatureOptions | None = None):
+        # ``options.scaling`` is an EKFAC/TEKFAC setting, which MAC ignores
+        self.options = options or self.Options()
         self.shape = shape
         self.mean_ema = torch.zeros(shape.d_in_bar, dtype=dtype, device=device)
         self.mean: Tensor | None = None          # m̂ at the last refresh
@@ -70,34 +121,16 @@ class MACCurvature(Curvature):
     def has_statistics(self) -> bool:
         return self.factor_updates > 0 or self.dense_inverse is not None
 
-    def update_statistics(self, batch: LayerBatch, decay: float) -> None:
+    def statistics_job(self, batch: LayerBatch, decay: float, scalars: list[float]) -> MACStatistics | None:
         """``m̂ <- β' m̂ + α ā_t``, ā_t the mean of the batch's N·R rows (bias 1 appended), weights
         from :func:`ema_weights` so m̂ is the bias-corrected EMA ``m_k / (1 − β^k)``."""
         if self.dense_inverse is not None:
-            return
+            return None
         self.factor_updates += 1
-        beta, alpha = ema_weights(decay, self.factor_updates)
-        a = batch.a
-        row_mean = a.reshape(-1, a.shape[-1]).mean(dim=0, dtype=self.mean_ema.dtype)
-        d_in = self.shape.d_in
-        self.mean_ema[:d_in].mul_(beta).add_(row_mean, alpha=alpha)
-        if self.shape.bias:
-            self.mean_ema[d_in:].mul_(beta).add_(alpha)
-        if self.value_ema is not None:
-            self._update_value(batch, beta, alpha)
-
-    def _update_value(self, batch: LayerBatch, beta: float, alpha: float) -> None:
-        """``v̂ <- β' v̂ + α v_t``, ``v_t = X̄ᵀ p̄`` (X̄ the (R, d_in) batch mean per token)."""
-        p = batch.token_weights
-        if p is None:
-            raise ValueError("an attention layer's batch has no attention weights (token_weights)")
-        dtype = self.value_ema.dtype
-        p = p.to(dtype)
-        token_mean = batch.a.mean(dim=0, dtype=dtype)            # X̄ without the bias column
-        d_in = self.shape.d_in
-        self.value_ema[:d_in].mul_(beta).add_(token_mean.T @ p, alpha=alpha)
-        if self.shape.bias:  # X̄'s bias column is 1: that entry of v is Σ_j p̄_j
-            self.value_ema[d_in:].mul_(beta).add_(p.sum(), alpha=alpha)
+        at = len(scalars)
+        scalars += ema_weights(decay, self.factor_updates)
+        return MACStatistics(self.mean_ema, self.value_ema, batch.a, batch.token_weights, at, self.shape.d_in,
+                             self.shape.bias)
 
     def statistics(self) -> tuple[Tensor, ...]:
         return (self.mean_ema,) if self.value_ema is None else (self.mean_ema, self.value_ema)
@@ -108,7 +141,7 @@ class MACCurvature(Curvature):
             return False
         return self.mean is None or (step % engine.period == 0)
 
-    def refresh(self, engine: EigenEngine, index: int) -> str | None:
+    def refresh(self, engine: EigenEngine, index: int) -> None:
         """Snapshot m̂ and ‖m̂‖² (O(d_in̄), no decomposition)."""
         self.refreshes += 1
         self.mean = self.mean_ema.clone()
@@ -131,15 +164,41 @@ class MACCurvature(Curvature):
         return [b for b in blocks if b[0].stop > b[0].start]
 
     # -- the direction ----------------------------------------------------------------------------
-    def precondition(self, grad: Tensor, damping: float, num_examples: int, decay: float) -> Tensor:
+    def direction_job(self, grad: Tensor, damping: float, num_examples: int, decay: float,
+                      scalars: list[float]) -> MACDirection:
         """``D = G − (G m̂) m̂ᵀ / (ρ + ‖m̂‖²)`` (or ``G (C + ρI)⁻¹`` with a dense inverse)."""
-        if self.dense_inverse is not None:
-            return grad.to(self.dense_inverse.dtype) @ self.dense_inverse
-        grad = grad.to(self.mean.dtype)
-        if self.value_rows is None:
-            return mac_precondition_reference(grad, self.mean, self.sq_norm, damping)
-        return torch.cat([mac_precondition_reference(grad[rows], vec, sq, damping)
-                          for rows, vec, sq in self.row_blocks()])
+        at = len(scalars)
+        scalars.append(damping)
+        blocks = () if self.dense_inverse is not None else tuple(self.row_blocks())
+        return MACDirection(grad, blocks, self.dense_inverse, at)
+
+    def fused_update(self, adapter: Any, buffer_of: Any, *, damping: float, lr: float, momentum: float,
+                     weight_decay: float, decoupled: bool, backend: str) -> None:
+        """MAC's preconditioning, weight decay, momentum and update in one kernel launch per block
+        of rows with its own vector (one block; an attention layer's value rows are a second).
+
+        Args:
+            adapter: the layer's adapter (weight, bias and their gradients).
+            buffer_of: ``p -> momentum buffer`` (called only with momentum).
+        """
+        has_m = momentum != 0
+        weight_buffer = buffer_of(adapter.weight) if has_m else None
+        bias, bias_grad, bias_buffer = adapter.bias, None, None
+        drop_bias = bias is not None and bias.grad is None  # as unfused: a bias without gradient stays
+        if drop_bias:
+            bias = None
+        elif bias is not None:
+            bias_grad = bias.grad
+            bias_buffer = buffer_of(bias) if has_m else None
+
+        def rows_of(t: Tensor | None, rows: slice) -> Tensor | None:
+            return None if t is None else t[rows]  # contiguous row blocks: views, updated in place
+
+        for rows, mean, sq_norm in self.row_blocks():
+            ops.mac_update(adapter.weight[rows], adapter.weight.grad[rows], rows_of(weight_buffer, rows),
+                           rows_of(bias, rows), rows_of(bias_grad, rows), rows_of(bias_buffer, rows),
+                           mean[: adapter.d_in] if drop_bias else mean, sq_norm, damping=damping, lr=lr,
+                           momentum=momentum, weight_decay=weight_decay, decoupled=decoupled, backend=backend)
 
     @property
     def fusable(self) -> bool:

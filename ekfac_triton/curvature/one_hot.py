@@ -18,16 +18,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def _ema(target: Tensor, update: Tensor, alpha: float, beta: float) -> None:
-    if beta == 0.0:  # the first update: no 0 * (uninitialised or non-finite) state
-        target.copy_(update.mul_(alpha))
-    else:
-        target.mul_(beta).add_(update, alpha=alpha)
+from ..ops import Scalar, ema
 
 
 @torch.no_grad()
-def factor_update(C: Tensor, tokens: Tensor, *, alpha: float, beta: float, weights: Tensor | None = None) -> None:
+def factor_update(C: Tensor, tokens: Tensor, *, alpha: Scalar, beta: Scalar, weights: Tensor | None = None,
+                  finite: Tensor | None = None) -> None:
     """``C <- beta*C + alpha * Σ_ns w_ns e_{token_ns}``: the diagonal of ``Σ w ā āᵀ``.
 
     Args:
@@ -39,11 +35,12 @@ def factor_update(C: Tensor, tokens: Tensor, *, alpha: float, beta: float, weigh
     valid = tokens >= 0
     w = valid.to(C.dtype) if weights is None else weights.to(C.dtype) * valid
     counts = torch.zeros_like(C).index_add_(0, tokens.clamp_min(0).reshape(-1), w.reshape(-1))
-    _ema(C, counts, alpha, beta)
+    ema(C, counts, beta, alpha, finite)
 
 
 @torch.no_grad()
-def scaling_update(S: Tensor, g: Tensor, tokens: Tensor, q_out: Tensor, *, alpha: float, beta: float) -> None:
+def scaling_update(S: Tensor, g: Tensor, tokens: Tensor, q_out: Tensor, *, alpha: Scalar, beta: Scalar,
+                   finite: Tensor | None = None) -> None:
     """``S[i, v] <- beta*S + alpha * Σ_n (Σ_{s: token_ns = v} (Q_outᵀ ĝ_ns)_i)²`` (EKFAC's per-example
     scaling with one-hot inputs, positions summed before squaring).
 
@@ -63,16 +60,15 @@ def scaling_update(S: Tensor, g: Tensor, tokens: Tensor, q_out: Tensor, *, alpha
     pairs, inverse = torch.unique(key, return_inverse=True)
     sums = torch.zeros(pairs.shape[0], d, dtype=S.dtype, device=S.device).index_add_(0, inverse, gq[valid])
     update = torch.zeros(vocab, d, dtype=S.dtype, device=S.device).index_add_(0, pairs % vocab, sums.square())
-    _ema(S, update.T, alpha, beta)
+    ema(S, update.T, beta, alpha, finite)
 
 
-def precondition(grad: Tensor, q_out: Tensor, scaling: Tensor, damping: float | Tensor, *,
-                 batch_update: tuple[float, float, int] | None = None) -> Tensor:
+def precondition(grad: Tensor, q_out: Tensor, scaling: Tensor, damping: Scalar, *,
+                 batch_update: tuple[Scalar, Scalar] | None = None, finite: Tensor | None = None) -> Tensor:
     """``Q_out [(Q_outᵀ grad) / (S + λ)]`` (the input basis is the identity); ``batch_update``
-    ``(beta, alpha, n)`` first sets ``S <- beta*S + alpha*n*P²`` as the dense reference does."""
+    ``(beta, alpha_n)`` first sets ``S <- beta*S + alpha_n*P²`` as the dense one does."""
     projected = q_out.T @ grad
     if batch_update is not None:
-        beta, alpha, n = batch_update
-        _ema(scaling, projected.square(), alpha * n, beta)
-    projected.div_(scaling + damping)
-    return q_out @ projected
+        beta, alpha_n = batch_update
+        ema(scaling, projected.square(), beta, alpha_n, finite)
+    return q_out @ (projected / (scaling + damping))

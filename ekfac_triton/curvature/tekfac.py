@@ -7,11 +7,13 @@ this basis. Optional effective damping (Gao et al. 2020, Eq. 3.5): ``λ_l = max(
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from ..layers import LayerBatch
-from .base import EigenbasisCurvature, LayerShape
+from .base import CurvatureOptions, check_bool
+from .eigenbasis import EigenbasisCurvature
 
 
 def trace_weights(a: Tensor, g: Tensor, dtype: torch.dtype, bias: bool, one_hot: bool = False,
@@ -30,21 +32,29 @@ def trace_weights(a: Tensor, g: Tensor, dtype: torch.dtype, bias: bool, one_hot:
     return g_sq.reshape(draws, *a_sq.shape).mean(0), a_sq.repeat(draws, 1)
 
 
+@dataclass(frozen=True, kw_only=True)
+class TEKFACOptions(CurvatureOptions):
+    """TEKFAC's options.
+
+    Attributes:
+        effective_damping: damp each layer with ``max(mean(Θ_l), λ)``, its mean Fisher eigenvalue
+            floored at λ (Gao et al. 2020, Eq. 3.5), instead of the fixed λ.
+    """
+
+    effective_damping: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bool("effective_damping", self.effective_damping)
+
+
 class TEKFACCurvature(EigenbasisCurvature):
     """Trace-weighted factors, EKFAC's scaling in their basis."""
 
     name = "tekfac"
+    Options = TEKFACOptions
+    row_weights = staticmethod(trace_weights)
 
-    def __init__(self, shape: LayerShape, dtype: torch.dtype, device: torch.device, scaling: str = "per_example",
-                 effective_damping: bool = False):
-        super().__init__(shape, dtype, device, scaling)
-        self.effective_damping = effective_damping
-
-    def _factor_weights(self, batch: LayerBatch) -> tuple[Tensor, Tensor]:
-        return trace_weights(batch.a, batch.g, self.in_factor.dtype, self.shape.bias, self.shape.one_hot,
-                             batch.draws)
-
-    def damping_for(self, damping: float) -> float | Tensor:
-        if not self.effective_damping:
-            return damping
-        return self.scaling.mean().clamp_min(damping)
+    @property
+    def effective_damping(self) -> bool:
+        return self.options.effective_damping

@@ -1,9 +1,7 @@
-"""Layer adapters: one file per layer kind. Add a kind by adding a file and a line below."""
+"""Layer adapters: one file per layer kind. A new kind is an adapter in its own file plus one
+:func:`ekfac_triton.register_adapter` call (or a line in ``ADAPTERS`` for the built-in kinds)."""
 
 from __future__ import annotations
-
-from functools import partial
-from typing import Callable
 
 from torch import Tensor, nn
 
@@ -14,29 +12,13 @@ from .fused_qkv import AttentionSpec, FusedQKVAdapter
 from .linear import LinearAdapter
 from .multihead_attention import MultiheadAttentionAdapter, MultiheadAttentionOutputAdapter
 
+#: module type -> adapter, matched by isinstance (most specific first; ekfac_triton.discovery)
 ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {
     nn.Linear: LinearAdapter,
     nn.Conv2d: Conv2dAdapter,
     nn.Embedding: EmbeddingAdapter,
     nn.MultiheadAttention: MultiheadAttentionAdapter,
 }
-
-
-def adapter_for(module: nn.Module, inputs_only: bool = False, parent: nn.Module | None = None,
-                ) -> tuple[Callable[[nn.Module], LayerAdapter] | None, str | None]:
-    """The adapter class (or factory) for ``module`` (exact type match) and, when the kind is
-    known but this configuration is not supported, the reason. ``inputs_only``: the curvature
-    reads only the layer inputs (MAC), which some configurations (depthwise convolutions,
-    attention) support alone. ``parent``: the module that holds ``module``, if any (the output
-    projection of an ``nn.MultiheadAttention`` is applied by its parent, not called)."""
-    if isinstance(parent, nn.MultiheadAttention) and module is parent.out_proj:
-        reason = MultiheadAttentionOutputAdapter.unsupported_reason(module, inputs_only)
-        reason = reason or MultiheadAttentionAdapter.unsupported_reason(parent, inputs_only)
-        return partial(MultiheadAttentionOutputAdapter, attention=parent), reason
-    cls = ADAPTERS.get(type(module))
-    if cls is None:
-        return None, None
-    return cls, cls.unsupported_reason(module, inputs_only)
 
 
 def weight_and_bias(module: nn.Module) -> tuple[Tensor | None, Tensor | None]:
@@ -49,5 +31,4 @@ def weight_and_bias(module: nn.Module) -> tuple[Tensor | None, Tensor | None]:
 
 
 __all__ = ["ADAPTERS", "AttentionSpec", "LayerAdapter", "LayerBatch", "LinearAdapter", "Conv2dAdapter", "EmbeddingAdapter",
-           "FusedQKVAdapter", "MultiheadAttentionAdapter", "MultiheadAttentionOutputAdapter", "adapter_for",
-           "weight_and_bias"]
+           "FusedQKVAdapter", "MultiheadAttentionAdapter", "MultiheadAttentionOutputAdapter", "weight_and_bias"]

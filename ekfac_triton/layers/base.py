@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,24 @@ class LayerBatch:
         return self.a.shape[1]
 
 
+class MatrixLayout(NamedTuple):
+    """Where a layer's parameters sit in its (d_out, d_in̄) matrix ``[∇W | ∇b]``: the weight as
+    its first d_in columns, reshaped to the weight's shape (or, ``transposed``, their transpose: a
+    weight stored (d_in, d_out), as an embedding's E = Wᵀ), the bias as the last column. Plain
+    constants, so the compiled step splits with it too."""
+
+    weight_shape: torch.Size
+    d_in: int
+    transposed: bool = False
+
+    def part(self, matrix: Tensor, index: int) -> Tensor:
+        """The weight (``index`` 0) or the bias (1) part of ``matrix``."""
+        if index == 1:
+            return matrix[:, self.d_in]
+        weight = matrix[:, : self.d_in]
+        return weight.T if self.transposed else weight.reshape(self.weight_shape)
+
+
 class LayerAdapter(ABC):
     """Turns one module's captured tensors into a :class:`LayerBatch` and its gradients into a
     matrix, and writes a preconditioned matrix back. One subclass per layer kind."""
@@ -85,6 +103,10 @@ class LayerAdapter(ABC):
     #: whether the inputs are one-hot vectors passed as indices (``nn.Embedding``): ``LayerBatch.a``
     #: is then (N, R) integer tokens, -1 for a zero row, and the curvature works in its one-hot mode
     one_hot_inputs: bool = False
+
+    #: whether the compiled step covers this kind: dense inputs, and a gradient matrix and layout
+    #: the compiled functions can take as they are (``EKFAC(..., compile_step=...)``)
+    compiles: bool = False
 
     #: attention layers (MAC): the rows ``[start, stop)`` of the weight that project the values
     #: and get MAC's R_v; None for other layers
@@ -139,12 +161,15 @@ class LayerAdapter(ABC):
         gb = self.bias.grad if self.bias.grad is not None else torch.zeros_like(self.bias)
         return torch.cat([gw, gb.reshape(-1, 1)], dim=1)
 
+    @property
+    def layout(self) -> MatrixLayout:
+        """Where the weight and bias sit in the ``[∇W | ∇b]`` matrix."""
+        return MatrixLayout(self.weight.shape, self.d_in)
+
     def split(self, matrix: Tensor) -> list[Tensor]:
         """Split a (d_out, d_in̄) matrix into tensors shaped like the weight (and bias)."""
-        w = matrix[:, : self.d_in].reshape(self.weight.shape)
-        if self.bias is None:
-            return [w]
-        return [w, matrix[:, self.d_in].reshape(self.bias.shape)]
+        layout = self.layout
+        return [layout.part(matrix, index) for index in range(len(self.params))]
 
     def describe(self) -> str:
         return repr(self.module)

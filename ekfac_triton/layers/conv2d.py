@@ -33,6 +33,7 @@ class Conv2dAdapter(LayerAdapter):
 
     module: nn.Conv2d
 
+    compiles = True
     example_dims = 3
 
     @staticmethod

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .base import LayerAdapter, LayerBatch
+from .base import LayerAdapter, LayerBatch, MatrixLayout
 
 
 class EmbeddingAdapter(LayerAdapter):
@@ -69,5 +69,6 @@ class EmbeddingAdapter(LayerAdapter):
         """``∇Eᵀ`` (D, V), a view."""
         return self.weight.grad.T
 
-    def split(self, matrix: Tensor) -> list[Tensor]:
-        return [matrix.T]
+    @property
+    def layout(self) -> MatrixLayout:
+        return MatrixLayout(self.weight.shape, self.d_in, transposed=True)

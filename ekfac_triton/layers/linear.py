@@ -15,6 +15,7 @@ class LinearAdapter(LayerAdapter):
 
     module: nn.Linear
 
+    compiles = True
     example_dims = 1
 
     @staticmethod

@@ -1,0 +1,167 @@
+"""How the step's tensor work runs: eagerly, or compiled (``EKFAC(..., compile_step=...)``).
+
+Both strategies run the same functions (:mod:`ekfac_triton.step.maths`) over the same jobs;
+they differ in three things only:
+
+* **scalars**: :class:`Eager` passes the step-varying numbers as a list of Python floats (the
+  kernels fuse them into their epilogues); :class:`Compiled` as one float64 device vector per
+  phase, rewritten only when its values change, by a non-blocking copy from pinned memory;
+* **the non-finite skip**: :class:`Eager` decides it on the host before any update (one host
+  sync per step). :class:`Compiled` decides on the host only on a step that refreshes or installs
+  a basis (which syncs anyway) or makes a layer's first EMA update (which replaces the state: a
+  device skip would still count it); on every other step the decision stays on the device: each
+  state update is ``where(finite, new, old)``, so a non-finite step leaves parameters, momentum,
+  factors and scalings bit for bit, and a device counter counts it. Unlike the host skip, the
+  step and EMA counts then still advance and no warning is issued. Ordinary steps are so free of
+  host syncs, and capturable as CUDA graphs (``compile_step={"mode": "reduce-overhead"}``: the
+  tensors the graphs read or mutate are then marked as static addresses and new bases are copied
+  into the existing tensors);
+* **compilation**: :class:`Compiled` wraps each phase function in ``torch.compile`` once. Its
+  graphs depend only on the shapes and constant settings, so there is no recompilation after
+  the first few steps. With ``backend="triton"`` the kernels enter the graphs as their
+  ``torch.library`` ops, single nodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import maths
+
+#: torch.compile modes that capture CUDA graphs
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def compile_options(compile_step: object) -> dict[str, Any] | None:
+    """The ``torch.compile`` arguments of ``compile_step`` (None: eager step).
+
+    Args:
+        compile_step: False (eager), True (``torch.compile`` defaults, ``fullgraph=True``) or a
+            dict of ``torch.compile`` keyword arguments (e.g. ``{"mode": "reduce-overhead"}``).
+    """
+    if compile_step is False:
+        return None
+    if compile_step is True:
+        return {"fullgraph": True}
+    if isinstance(compile_step, dict) and all(isinstance(k, str) for k in compile_step):
+        return {"fullgraph": True, **compile_step}
+    raise ValueError(f"Invalid compile_step={compile_step!r}: must be a bool or a dict of torch.compile arguments")
+
+
+class Eager:
+    """The tensor work runs as plain torch calls; non-finite steps are skipped on the host."""
+
+    compiled = False
+    cudagraphs = False
+
+    def scalars(self, name: str, values: list[float]) -> list[float]:
+        return values
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+    def all_finite(self, tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+        return self.run(maths.all_finite, list(tensors)) if tensors else torch.ones((), dtype=torch.bool, device=device)
+
+    def finite_flag(self, finite: Tensor) -> Tensor | None:
+        """The flag the state updates are masked with (None: unmasked, decided on the host)."""
+        return None
+
+    def decides_on_host(self, special_step: bool) -> bool:
+        return True
+
+    def mark_static(self, *tensors: Tensor | None) -> None:
+        pass
+
+    def device_skips(self) -> int:
+        return 0
+
+    def reset_device_skips(self) -> None:
+        pass
+
+    @property
+    def skips(self) -> Tensor | None:
+        return None
+
+
+class _ScalarVectors:
+    """Step-dependent numbers as float64 device vectors (one per use). A vector is rewritten
+    only when its values change, by a non-blocking copy from pinned memory: no host sync."""
+
+    def __init__(self, device: torch.device, static: bool) -> None:
+        self.device, self.static = device, static
+        self.buffers: dict[str, Tensor] = {}
+        self.values: dict[str, list[float]] = {}
+
+    def load(self, name: str, values: list[float]) -> Tensor:
+        buffer = self.buffers.get(name)
+        if buffer is not None and self.values[name] == values:
+            return buffer
+        if buffer is None or buffer.numel() != len(values):
+            buffer = torch.empty(len(values), dtype=torch.float64, device=self.device)
+            if self.static:
+                torch._dynamo.mark_static_address(buffer)
+            self.buffers[name] = buffer
+        host = torch.tensor(values, dtype=torch.float64)
+        if self.device.type == "cuda":
+            buffer.copy_(host.pin_memory(), non_blocking=True)
+        else:
+            buffer.copy_(host)
+        self.values[name] = list(values)
+        return buffer
+
+
+class Compiled(Eager):
+    """The phase functions run compiled (see the module docstring).
+
+    Args:
+        options: ``torch.compile`` keyword arguments (:func:`compile_options`).
+        device: where the optimizer's state lives.
+    """
+
+    compiled = True
+
+    def __init__(self, options: dict[str, Any], device: torch.device) -> None:
+        self.options = dict(options)
+        self.cudagraphs = self.options.get("mode") in CUDAGRAPH_MODES
+        self._vectors = _ScalarVectors(device, self.cudagraphs)
+        self._skips = torch.zeros((), dtype=torch.int64, device=device)
+        self.mark_static(self._skips)
+        self._functions: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+    def scalars(self, name: str, values: list[float]) -> Tensor:
+        return self._vectors.load(name, values)
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        compiled = self._functions.get(fn)
+        if compiled is None:
+            compiled = self._functions[fn] = torch.compile(fn, **self.options)
+        return compiled(*args)
+
+    def finite_flag(self, finite: Tensor) -> Tensor:
+        return finite
+
+    def decides_on_host(self, special_step: bool) -> bool:
+        return special_step
+
+    def mark_static(self, *tensors: Tensor | None) -> None:
+        """CUDA graphs: tensors the graphs mutate or read every step keep their address."""
+        if self.cudagraphs:
+            for t in tensors:
+                if t is not None:
+                    torch._dynamo.mark_static_address(t)
+
+    def device_skips(self) -> int:
+        """Steps skipped on the device so far (reads the counter: one host sync)."""
+        return int(self._skips.item())
+
+    def reset_device_skips(self) -> None:
+        self._skips.zero_()
+
+    @property
+    def skips(self) -> Tensor:
+        return self._skips

@@ -1,0 +1,114 @@
+"""The step's tensor work, written once: pure functions of tensors, called eagerly or under
+``torch.compile`` (:mod:`ekfac_triton.step.execution`).
+
+Every step-varying number (EMA weights, lr, damping) is an element of ``scalars``: a list of
+Python floats in the eager step, a float64 device vector in the compiled one, so the compiled
+graphs depend only on the model's shapes and the constant settings (a refresh changes the
+*values* of bases and scalings, not the graphs). ``finite`` is None in the eager step (which
+decides a non-finite skip on the host before any update) and a 0-dim bool tensor in the compiled
+one, where each state update is ``where(finite, new, old)`` (:func:`ekfac_triton.ops.commit`).
+
+The per-layer work is a *job* handed out by the layer's curvature
+(:mod:`ekfac_triton.curvature`): a ``NamedTuple`` whose ``run(scalars, finite, backend)`` does it.
+Each function below is one phase of the step over all layers, and one compiled graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..layers.base import MatrixLayout
+
+#: ``scalars``: a list of floats (eager) or a float64 device vector (compiled)
+Scalars = Any
+
+
+def all_finite(tensors: list[Tensor]) -> Tensor:
+    """A 0-dim bool tensor: whether every element of every tensor is finite."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+def update_factors(jobs: list[Any], scalars: Scalars, finite: Tensor | None, backend: str) -> None:
+    """The statistics phase: each layer's factor EMAs (George et al. 2018, Alg. 1)."""
+    for job in jobs:
+        job.run(scalars, finite, backend)
+
+
+def update_scalings(jobs: list[Any], scalars: Scalars, finite: Tensor | None, backend: str) -> None:
+    """The scalings phase: what each layer measures in its current basis (EKFAC's S, Eq. 9-10)."""
+    for job in jobs:
+        job.run(scalars, finite, backend)
+
+
+def kl_clip_scale(terms: Iterable[tuple[Tensor, Tensor, Any]], kl_clip: float) -> Tensor | None:
+    """KL-clip factor ``ν = min(1, sqrt(kl_clip / |Σ lr² ⟨v, g⟩|))`` over the preconditioned
+    layers (Ba et al. 2017; kfac-pytorch's semantics), as a 0-dim tensor: no host sync.
+
+    Args:
+        terms: ``(v, g, lr)`` per layer: preconditioned direction, raw gradient, learning rate.
+        kl_clip: the trust-region size.
+    """
+    total = None
+    for v, g, lr in terms:
+        term = (v * g.to(v.dtype)).sum() * (lr * lr)
+        total = term if total is None else total + term
+    if total is None:
+        return None
+    # |total| = 0 gives inf, clamped to 1: no clipping of a zero step.
+    return torch.sqrt(kl_clip / total.abs()).clamp(max=1.0)
+
+
+def directions(jobs: Sequence[Any], scalars: Scalars, finite: Tensor | None, backend: str,
+               kl_clip: float | None = None, lr_at: Sequence[int] = ()) -> tuple[list[Tensor], Tensor | None]:
+    """Each layer's preconditioned direction and, with ``kl_clip``, the KL-clip factor (``lr_at``:
+    per job, the index of its group's lr in ``scalars``)."""
+    out = [job.run(scalars, finite, backend) for job in jobs]
+    scale = None
+    if kl_clip is not None:
+        scale = kl_clip_scale(((d, job.grad, scalars[at]) for d, job, at in zip(out, jobs, lr_at)), kl_clip)
+    return out, scale
+
+
+class GroupUpdate(NamedTuple):
+    """The parameter update of one parameter group: ``params[i]`` moves along part
+    ``parts[i] = (job, part)`` of a layer's direction (weight 0, bias 1), or along its own
+    gradient where ``job < 0``; ``lr = scalars[lr_at]``."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    buffers: list[Tensor | None]
+    parts: tuple[tuple[int, int], ...]
+    lr_at: int
+    momentum: float
+    weight_decay: float
+
+
+def precondition_and_update(jobs: list[Any], layouts: tuple[MatrixLayout, ...], groups: list[GroupUpdate],
+                            scalars: Scalars, finite: Tensor | None, skips: Tensor | None, kl_clip: float | None,
+                            lr_at: tuple[int, ...], decoupled: bool, backend: str) -> None:
+    """The directions and update phases of an optimizer step: every layer's direction, the KL
+    clip, then per group weight decay, momentum and ``p -= lr·m`` (George et al. 2018, Alg. 1).
+
+    ``layouts[j]``: where job j's parameters sit in its direction matrix. ``skips``
+    (compiled step): a device counter of the steps ``finite`` skipped.
+    """
+    dirs, scale = directions(jobs, scalars, finite, backend, kl_clip, lr_at)
+    for group in groups:
+        updates, scales = [], []
+        for grad, (j, part) in zip(group.grads, group.parts):
+            if j < 0:
+                updates.append(grad)
+                scales.append(None)
+            else:
+                updates.append(layouts[j].part(dirs[j], part))
+                scales.append(scale)
+        ops.moment_update(group.params, updates, group.buffers, lr=scalars[group.lr_at], momentum=group.momentum,
+                          weight_decay=group.weight_decay, scales=scales, decoupled=decoupled, finite=finite,
+                          backend=backend)
+    if skips is not None and finite is not None:
+        skips.add_((~finite).to(skips.dtype))

@@ -1,13 +1,15 @@
 """Eigendecomposition of a symmetric factor with a documented failure policy.
 
 Precision policy: a factor of dimension n is decomposed in float64 when n <= ``float64_max_dim``
-(float64 eigh is faster than float32 on the H100 up to n ≈ 1024, DESIGN §4), else in its own
-dtype; a float64 factor is never decomposed in lower precision.
+(on the H100 float64 eigh measured faster than float32 up to n = 512, about as fast at 1024:
+ARCHITECTURE.md, "Measured facts"), else in its own dtype; a float64 factor is never decomposed
+in lower precision.
 
-Failure policy (DESIGN §2): ``torch.linalg.eigh`` in that dtype; if it raises or returns
+Failure policy: ``torch.linalg.eigh`` in that dtype; if it raises or returns
 non-finite values, retry once in float64 with a small diagonal jitter (a multiple of the identity
 moves the eigenvalues, not the eigenvectors; the jitter is subtracted again); if that fails too,
-the caller keeps its previous basis. The caller warns once per layer.
+the caller keeps its previous basis. The caller warns once per layer. (ARCHITECTURE.md,
+"Eigendecomposition engine".)
 """
 
 from __future__ import annotations

@@ -29,8 +29,10 @@ epilogues, launched as a short chain:
 The kernels need float32 bases and S on CUDA (or CPU under ``TRITON_INTERPRET=1``); float64
 (float64 models) uses the reference. Products of fp32 operands use ``precision`` ("tf32" or
 "ieee"; None follows ``torch.get_float32_matmul_precision()``, "highest" -> "ieee").
-Half-precision g/a are upcast to fp32 on load. Not yet done: the fused single-pass kernel of
-DESIGN §3 for N < d (P and S from the same operand tiles), and grouping layers in one launch.
+Half-precision g/a are upcast to fp32 on load. Not yet done: the fused single-pass kernel for
+N < d that accumulates P and S from the same operand tiles (with one position per example,
+``Q_outᵀ Ḡ Q_in = (ĜQ_out)ᵀ(ĀQ_in) / N``; ARCHITECTURE.md, "Kernel families"), and grouping
+layers in one launch.
 
 The pure-torch references are the CPU implementation and the oracle of the Triton kernels.
 """

@@ -1,7 +1,7 @@
 """Kernel family 1: Kronecker factor accumulation ``C <- beta*C + alpha * X̄ᵀ diag(w) X̄``.
 
-X̄ is X with an implicit trailing column of ones when ``bias=True`` (the layer's bias input,
-DESIGN §1), never concatenated in memory. ``X`` is (N, d) or (B, T, d) with any strides; its
+X̄ is X with an implicit trailing column of ones when ``bias=True`` (the bias input, the 1 of
+ā = [a; 1]), never concatenated in memory. ``X`` is (N, d) or (B, T, d) with any strides; its
 leading dimensions are rows. ``weights`` (optional, same leading shape as X) weights each row:
 TEKFAC's trace-weighted factors (Gao et al. 2020) are ``Σ ‖ĝ‖² ā āᵀ``.
 

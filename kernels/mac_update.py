@@ -1,5 +1,6 @@
 """MAC's fused update: Sherman–Morrison preconditioning, weight decay, momentum and the parameter
-update of one layer in one pass over its gradient (Seung, Lee & Ko, ICDM 2025; DESIGN §5).
+update of one layer in one pass over its gradient (Seung, Lee & Ko, ICDM 2025;
+ARCHITECTURE.md, "MAC").
 
 For a layer with weight W (d_out x d_in, any trailing shape flattened), optional bias b, gradient
 rows g_i = [∇W_i | ∇b_i] (length d_in̄), snapshot mean m̂ (length d_in̄), ‖m̂‖² and damping ρ:

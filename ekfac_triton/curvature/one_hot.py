@@ -3,7 +3,8 @@ vocabulary-sized matrix.
 
 An embedding with weight E (V x D) is a linear layer ``z = W ā`` with W = Eᵀ (d_out = D,
 d_in = V) and ā the one-hot vector of the token (no bias). Its inputs are passed as indices
-(N, R), -1 marking a zero input row (padding). Then (DESIGN §1, K-FAC-expand):
+(N, R), -1 marking a zero input row (padding). Then (K-FAC-expand; ARCHITECTURE.md,
+"Weight sharing" and "Embedding"):
 
 * ``A = 1/(N·R) Σ_ns ā āᵀ = diag(token counts) / (N·R)``: kept as its diagonal (a V-vector); its
   eigenbasis is the identity (no eigendecomposition), its eigenvalues the counts.

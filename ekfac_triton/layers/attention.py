@@ -1,5 +1,5 @@
 """Attention recomputed from a layer's captured input, for MAC's attention statistics (Seung, Lee
-& Ko, ICDM 2025; DESIGN §5): the mean attention distribution over the keys,
+& Ko, ICDM 2025; ARCHITECTURE.md, "MAC"): the mean attention distribution over the keys,
 
     p̄[j] = mean over examples n, heads h and queries i of softmax_j(q_i · k_j / √d_h + mask_ij),
 

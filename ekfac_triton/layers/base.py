@@ -1,5 +1,5 @@
 """What every layer adapter provides: the layer's per-position inputs ā and output-gradients ĝ,
-and its gradient as one matrix ``[∇W | ∇b]`` (DESIGN §3, "layer adapters")."""
+and its gradient as one matrix ``[∇W | ∇b]`` (ARCHITECTURE.md, "Layer adapters")."""
 
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ class LayerBatch:
             the type-2 columns otherwise (:mod:`ekfac_triton.fisher`); the statistics treat the
             (draw, example) pairs as M·N examples that share their inputs ā.
         draws: M.
-        token_weights: (R,) attention layers only (MAC, DESIGN §5): p̄, the mean over examples,
+        token_weights: (R,) attention layers only (MAC): p̄, the mean over examples,
             heads and queries of the attention probabilities of each position (token) as a key;
-            None for other layers.
+            None for other layers (ARCHITECTURE.md, "MAC").
     """
 
     a: Tensor

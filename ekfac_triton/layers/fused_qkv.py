@@ -1,5 +1,5 @@
 """A user-marked fused q/k/v projection ``nn.Linear`` (``qkv = Linear(d, 3E)`` as in timm's ViT
-and GPT-2), for MAC's attention preconditioning (DESIGN §5).
+and GPT-2), for MAC's attention preconditioning (ARCHITECTURE.md, "MAC").
 
 Convention: the output columns are ``[q | k | v]``, each E = d_out / 3 wide, and within each the
 heads are contiguous chunks of E / num_heads columns (``qkv.reshape(B, T, 3, H, E/H)``). The layer

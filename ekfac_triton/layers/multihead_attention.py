@@ -1,4 +1,5 @@
-"""``nn.MultiheadAttention`` used as self-attention (query is key is value), for MAC (DESIGN §5).
+"""``nn.MultiheadAttention`` used as self-attention (query is key is value), for MAC
+(ARCHITECTURE.md, "MAC").
 
 Two adapters share the module's calls:
 

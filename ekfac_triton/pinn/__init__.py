@@ -4,7 +4,7 @@
     opt = KFACStar(model, Poisson(2))
     opt.step(interior_points, f, boundary_points, g)
 
-See README.md in this folder and DESIGN §5.
+See README.md in this folder and ARCHITECTURE.md, "K-FAC for PINNs", at the repository root.
 """
 
 from .equations import Equation, Heat, Poisson, Problem, heat_sin_product, poisson_sin_product

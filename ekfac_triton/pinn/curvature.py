@@ -1,6 +1,6 @@
 """K-FAC for PINNs: per-layer Kronecker factors and the inverse of a sum of two Kronecker products.
 
-Notation (DESIGN §5): for one Linear layer with combined weight ``W̄ = [W | b]`` (d_out × d_in̄),
+Notation: for one Linear layer with combined weight ``W̄ = [W | b]`` (d_out × d_in̄),
 ā_{n,s} its position inputs and ĝ_{n,s} = ∂r_n/∂z_{n,s} its position output-gradients (of the
 residual, weight 1). The exact per-point Jacobian is ``J_n = Σ_s ĝ_{n,s} āᵀ_{n,s}`` (as a
 row-major ``vec``: ``Σ_s ĝ ⊗ ā``), the gradient of ``1/(2N) Σ r_n²`` is ``1/N Σ_n r_n J_n`` and
@@ -14,7 +14,7 @@ Per layer the curvature is ``(B_Ω + λI) ⊗ (A_Ω + λI) + (B_∂ + λI) ⊗ (
 (Martens & Grosse 2015, appendix) by diagonalising each pair jointly: with ``Uᵀ A₁ U = I``,
 ``Uᵀ A₂ U = diag(d)`` and ``Vᵀ B₁ V = I``, ``Vᵀ B₂ V = diag(e)`` (generalised symmetric eigenproblems,
 each solved by two symmetric eigendecompositions), the solution of ``B₁ X A₁ + B₂ X A₂ = R`` is
-``X = V [(Vᵀ R U) / (1 + e dᵀ)] Uᵀ``.
+``X = V [(Vᵀ R U) / (1 + e dᵀ)] Uᵀ``. The maths in full: ARCHITECTURE.md, "K-FAC for PINNs".
 """
 
 from __future__ import annotations

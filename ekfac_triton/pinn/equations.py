@@ -1,6 +1,6 @@
 """Linear second-order PDEs for PINNs, and the paper's manufactured problems.
 
-The loss of a PINN (DESIGN §5) is
+The loss of a PINN (ARCHITECTURE.md, "K-FAC for PINNs") is
 ``L = 1/(2N_Ω) Σ_n r_Ω(x_n)² + 1/(2N_∂) Σ_b r_∂(x_b)²`` with the interior residual r_Ω (the PDE)
 and the boundary residual ``r_∂ = u(x_b) − g_b`` (Dirichlet and initial data alike). The user
 supplies interior points with f and boundary points with g.

@@ -1,7 +1,7 @@
 """The forward Laplacian: an MLP run in Taylor mode, as a network with shared weights over positions.
 
 For a batch of N points x ∈ R^d the network carries, per point, S = d + 2 *positions*
-(DESIGN §5, Dangel, Müller & Zeinhofer 2024):
+(Dangel, Müller & Zeinhofer 2024; ARCHITECTURE.md, "K-FAC for PINNs"):
 
 * position 0: the value z;
 * positions 1..d: the directional derivatives ∂_i z (first-layer inputs: the unit vectors e_i);

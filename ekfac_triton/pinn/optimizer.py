@@ -1,4 +1,5 @@
-"""``KFAC`` and ``KFACStar``: K-FAC for PINNs (Dangel, Müller & Zeinhofer 2024; DESIGN §5).
+"""``KFAC`` and ``KFACStar``: K-FAC for PINNs (Dangel, Müller & Zeinhofer 2024;
+ARCHITECTURE.md, "K-FAC for PINNs").
 
 One step on interior points (with f) and boundary points (with g):
 

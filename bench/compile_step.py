@@ -1,5 +1,5 @@
 """Training-step time and launches per step, eager vs ``torch.compile`` (vs ``reduce-overhead``
-CUDA graphs on CUDA), for SGD and EKFAC on the autoencoder and the MLP stack (issue 7, item 3).
+CUDA graphs on CUDA), for SGD and EKFAC on the autoencoder and the MLP stack of ``bench.step_time``.
 
     python -m bench.compile_step                    # cuda if available, full sizes
     python -m bench.compile_step --quick --threads 1   # CPU smoke run (tiny sizes; not a result)
@@ -13,7 +13,8 @@ also the step (EKFAC: ``compile_step=True``, :mod:`ekfac_triton.compiled_step`; 
 inductor graphs around it; EKFAC's ordinary steps are graphed, refresh steps run eagerly).
 
 Columns: step = zero_grad + forward + backward + optimizer step, wall time per step (median with
-p20/p80 over the timed steps, each step bracketed by ``torch.cuda.synchronize()`` on CUDA);
+p20/p80 over the timed steps, each step bracketed by ``torch.cuda.synchronize()`` on CUDA:
+:func:`bench.runner.synchronize` with ``scope="device"``, so each step is charged all it launched);
 ``launches/step`` = device kernels per step from ``torch.profiler`` (CUDA), or on CPU the number
 of outermost ATen operator calls in the profile (there are no kernel launches on CPU, so
 the CPU column counts dispatched ops, a proxy for the same overhead). ``opt.step`` = the
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from ekfac_triton import EKFAC
 
-from .step_time import environment, make_workload, summarize
+from .environment import command_line, environment
+from .optimizers import make_optimizer
+from .runner import synchronize
+from .step_time import make_workload, summarize
 
 MODELS = ("autoencoder", "mlp-stack")
 OPTIMIZERS = ("sgd", "ekfac")
@@ -45,11 +50,13 @@ def modes(device: torch.device) -> list[str]:
     return ["eager", "compiled", "compiled+step"] + (["reduce-overhead"] if device.type == "cuda" else [])
 
 
-def make_optimizer(name: str, model: torch.nn.Module, eigen_every: int, mode: str) -> torch.optim.Optimizer:
+def hparams(name: str, eigen_every: int, mode: str) -> dict[str, Any]:
+    """The settings of ``name`` (for :func:`bench.optimizers.make_optimizer`) in ``mode``: EKFAC
+    compiles its own step (``compile_step``) in the modes that compile the step."""
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        return dict(lr=1e-3, momentum=0.9)
     compile_step = {"compiled+step": True, "reduce-overhead": {"mode": "reduce-overhead"}}.get(mode, False)
-    return EKFAC(model, lr=1e-3, damping=1e-3, eigen_every=eigen_every, compile_step=compile_step)
+    return dict(lr=1e-3, damping=1e-3, eigen_every=eigen_every, compile_step=compile_step)
 
 
 def optimizer_step(opt: torch.optim.Optimizer, mode: str):
@@ -78,11 +85,14 @@ def run(model_name: str, opt_name: str, mode: str, args: argparse.Namespace, dev
     torch._dynamo.utils.counters.clear()
     work = make_workload(model_name, args.quick, device)
     model = work.model
-    opt = make_optimizer(opt_name, model, args.eigen_every, mode)
+    opt = make_optimizer(opt_name, model, hparams(opt_name, args.eigen_every, mode))
     step = optimizer_step(opt, mode)
     run_model = model if mode == "eager" else torch.compile(model, mode="reduce-overhead" if mode == "reduce-overhead"
                                                             else "default")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def sync() -> None:
+        synchronize(device, "device")
+
     nb = len(work.batches)
     step_ms: list[float] = []
     opt_ms: list[float] = []
@@ -134,7 +144,7 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], quick: bool) -> st
         lines.append(f"| {r['model']} | {r['optimizer']} | {r['mode']} | {r['median_ms']:.2f} ({r['p20_ms']:.2f}, "
                      f"{r['p80_ms']:.2f}) | {ratio} | {r['opt_step_median_ms']:.2f} | {r['launches_per_step']:.0f} | "
                      f"{r['recompiles']} | {r['warmup_s']:.1f} |")
-    lines += ["", f"Command: `{env['command']}`; threads {env['torch_threads']}; git {env.get('git_commit')}."]
+    lines += ["", f"Command: `{env['command']}`; threads {env['threads']}; git {env['git_commit']}."]
     return "\n".join(lines)
 
 
@@ -163,9 +173,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = [run(m, o, mode, args, device) for m in args.models for o in args.optimizers for mode in modes(device)]
-    import sys
-    env = environment(device, sys.argv[1:] if argv is None else argv, "device")
-    env["command"] = env["command"].replace("bench.step_time", "bench.compile_step")
+    env = environment(device, command_line("bench.compile_step", sys.argv[1:] if argv is None else argv),
+                      sync="torch.cuda.synchronize() before/after each step" if device.type == "cuda"
+                      else "perf_counter only (CPU)")
     table = markdown(rows, env, args.quick)
     print(table)
     if args.out is not None:

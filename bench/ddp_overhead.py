@@ -1,4 +1,4 @@
-"""Overhead of the distributed code path at world size 1 vs the plain path (issue 8).
+"""Overhead of the distributed code path at world size 1 vs the plain path.
 
 One process, a gloo group of size 1: the same model and batches are trained with
 ``process_group=None`` (no collective at all) and ``process_group=WORLD`` (the agreement

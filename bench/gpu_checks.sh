@@ -7,7 +7,7 @@
 #     bash bench/gpu_checks.sh            # OUT defaults to /tmp/gpu_checks
 #
 # Then commit the tables under bench/results/*/<gpu>/ and, if every cuda test passed, set
-# AUTO_USES_TRITON = True in ekfac_triton/backend.py (issue 4).
+# AUTO_USES_TRITON = True in ekfac_triton/backend.py (backend="auto" then picks the Triton kernels on CUDA).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_checks}
 mkdir -p "$OUT"
@@ -34,8 +34,8 @@ run cuda_tests 120 python3 -m pytest -q -m cuda -p no:cacheprovider \
     tests/test_kernels_triton.py tests/test_mac_kernel.py tests/test_compiled_step.py
 # 2. kernel microbenchmarks against torch's own ops (TFLOP/s and GB/s columns)
 run kernel_bench 60 python3 -m pytest -q -p no:cacheprovider -s bench/kernels/test_bench_kernels.py
-# 3. per-step time of SGD/AdamW/EKFAC/K-FAC/MAC on the three peer models (issues 5, 11)
+# 3. per-step time and memory of SGD/AdamW/EKFAC/K-FAC/MAC on the autoencoder, VGG11 and the MLP stack
 run step_time 100 python3 -m bench.step_time --no-progress --warmup 10 --steps 30 --out "$OUT/step_time"
-# 4. eager vs compiled model vs compiled step vs CUDA graphs, launches per step (issue 7)
+# 4. eager vs compiled model vs compiled step vs CUDA graphs, launches per step
 run compile_step 90 python3 -m bench.compile_step --out "$OUT/compile_step"
 exit "$worst"   # non-zero when any part failed or ran out of time

@@ -1,18 +1,19 @@
-"""MAC with attention preconditioning on a small GPT-style byte-level LM (issue 11).
+"""MAC with attention preconditioning on a small GPT-style byte-level LM.
 
 Compares, on the same model, data order and number of steps: MAC with its attention
 preconditioning (each block's fused q/k/v ``nn.Linear`` named in ``attention_layers``, causal:
 value rows use R_v), plain MAC (the same layers, R on every row), AdamW and SGD with momentum.
 The corpus is the running Python's standard-library source (``bench.experiments.stdlib_corpus``);
-the model has a fused ``qkv`` projection per block (columns [q | k | v], heads contiguous), the
-layout timm's ViT and GPT-2 use. Hyperparameters are untuned starting points: MAC's GPT recipe
-(ρ = 1, statistics and refresh every 5 steps, β = 0.95, decoupled weight decay) at lr 0.1, AdamW
-at 3e-3, SGD at 0.1; all with the same weight decay 0.01 (decoupled for MAC and AdamW).
+the model is ``bench.experiments.ByteLM`` with a fused ``qkv`` projection per block (columns
+[q | k | v], heads contiguous), the layout timm's ViT and GPT-2 use. Hyperparameters are untuned
+starting points: MAC's GPT recipe (ρ = 1, statistics and refresh every 5 steps, β = 0.95,
+decoupled weight decay) at lr 0.1, AdamW at 3e-3, SGD at 0.1; all with the same weight decay 0.01
+(decoupled for MAC and AdamW).
 
     python -m bench.mac_attention --threads 1 --out bench/results/mac_attention/cpu
     python -m bench.mac_attention --quick --out /tmp/mac-attention   # the smoke test
 
-Writes ``log.json`` (per-optimizer loss curves, step times, settings, versions) and ``table.md``.
+Writes ``log.json`` (per-optimizer loss curves, step times, settings, environment) and ``table.md``.
 """
 
 from __future__ import annotations
@@ -20,18 +21,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.experiments import stdlib_corpus
-from ekfac_triton import MAC
+from .environment import command_line, environment
+from .experiments import ByteLM, stdlib_corpus
+from .optimizers import make_optimizer
 
 OPTIMIZERS = ("mac-attention", "mac", "adamw", "sgd")
 
@@ -52,44 +54,27 @@ class FusedAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = FusedAttention(d, heads)
-        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
-
-
-class ByteGPT(nn.Module):
-    """A small GPT over bytes: token and position embeddings, pre-LN blocks, a linear head."""
+class ByteGPT(ByteLM):
+    """A small GPT over bytes: :class:`bench.experiments.ByteLM` with :class:`FusedAttention` blocks."""
 
     def __init__(self, d: int, layers: int, heads: int, context: int) -> None:
-        super().__init__()
-        self.token, self.position = nn.Embedding(256, d), nn.Embedding(context, d)
-        self.blocks = nn.Sequential(*(Block(d, heads) for _ in range(layers)))
-        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, 256)
-
-    def forward(self, idx: Tensor) -> Tensor:
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        return self.head(self.ln(self.blocks(self.token(idx) + self.position(pos))))
+        super().__init__(d, layers, heads, context, attention=FusedAttention)
 
 
-def make_optimizer(name: str, model: ByteGPT, heads: int) -> torch.optim.Optimizer:
+def settings(name: str, model: ByteGPT, heads: int) -> tuple[str, dict[str, Any]]:
+    """The kind and hyperparameters of benchmark optimizer ``name`` (one of :data:`OPTIMIZERS`) for
+    :func:`bench.optimizers.make_optimizer`; ``mac-attention`` names every block's ``attn.qkv``."""
     mac = dict(lr=0.1, damping=1.0, momentum=0.9, weight_decay=0.01, factor_decay=0.95, factor_every=5,
                eigen_every=5, decoupled_weight_decay=True)
     if name == "mac-attention":
         qkv = {f"blocks.{i}.attn.qkv": {"num_heads": heads, "causal": True} for i in range(len(model.blocks))}
-        return MAC(model, attention_layers=qkv, **mac)
+        return "mac", dict(mac, attention_layers=qkv)
     if name == "mac":
-        return MAC(model, **mac)
+        return "mac", mac
     if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+        return "adamw", dict(lr=3e-3, weight_decay=0.01)
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+        return "sgd", dict(lr=0.1, momentum=0.9, weight_decay=0.01)
     raise ValueError(f"Invalid optimizer={name!r}: must be one of {OPTIMIZERS}")
 
 
@@ -122,7 +107,8 @@ def run(args: argparse.Namespace) -> dict:
     for name in args.optimizers:
         torch.manual_seed(0)
         model = ByteGPT(d, layers, heads, context)
-        opt = make_optimizer(name, model, heads)
+        kind, hparams = settings(name, model, heads)
+        opt = make_optimizer(kind, model, hparams)
         curve, times = [], []
         for step in range(steps):
             xy = windows(train, train_starts[step])
@@ -143,19 +129,18 @@ def run(args: argparse.Namespace) -> dict:
         print(f"{name:>14}: train loss {results[name]['final_train_loss']:.3f} nats/byte, test {test_bpb:.3f} "
               f"bits/byte, median step {results[name]['step_ms_median']:.1f} ms, total {sum(times):.1f} s",
               flush=True)
-    return dict(command=" ".join([Path(sys.executable).name, "-m", "bench.mac_attention", *sys.argv[1:]]),
+    env = environment("cpu", command_line("bench.mac_attention", args.argv))
+    return dict(command=env["command"],
                 settings=dict(d=d, layers=layers, heads=heads, context=context, batch=batch, steps=steps,
                               threads=args.threads, corpus_bytes=len(text), corpus_files=n_files),
-                versions=dict(torch=torch.__version__, python=platform.python_version(),
-                              machine=platform.machine(), processor=platform.processor()),
-                results=results)
+                environment=env, results=results)
 
 
 def table(log: dict) -> str:
     s = log["settings"]
     lines = [f"MAC attention benchmark: byte-level GPT, {s['layers']} blocks, d={s['d']}, {s['heads']} heads, "
              f"context {s['context']}, batch {s['batch']}, {s['steps']} steps, {s['threads']} thread(s), "
-             f"torch {log['versions']['torch']}",
+             f"torch {log['environment']['torch']}",
              "", f"Command: `{log['command']}`", "",
              "| optimizer | train loss (nats/byte, mean of last 4 logged) | test bits/byte | median step (ms) "
              "| total (s) |", "|---|---|---|---|---|"]
@@ -178,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     log = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "log.json").write_text(json.dumps(log, indent=1))

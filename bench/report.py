@@ -1,5 +1,6 @@
-"""What a benchmark run writes: the per-run record, CSV and JSON logs, the loss plot and the
-markdown summary (final loss, time to reach AdamW's final loss, step times relative to SGD).
+"""What a training benchmark writes (``bench.train`` and ``bench.demo``): the per-run record, CSV
+and JSON logs, the loss plot and the markdown summary (final loss, time to reach AdamW's final
+loss, step times relative to SGD), all four through :func:`write_report`.
 
 Definitions used by the summary:
 
@@ -7,13 +8,15 @@ Definitions used by the summary:
   gradients at evaluation points (excluded from the clock); "final" is the last evaluation.
 * **wall-clock**: the sum of the timed steps (forward, backward and optimizer step; on CUDA the
   training stream is synchronised before and after each step — not the whole device, so the
-  optimizer's side-stream eigendecompositions overlap as in real training). Batch preparation and
-  evaluation are not counted.
+  optimizer's side-stream eigendecompositions overlap as in real training; see
+  :func:`bench.runner.synchronize`). Batch preparation and evaluation are not counted.
 * **time to reach AdamW's final loss**: the wall-clock at the first evaluation whose train loss is
   at or below the final train loss of the (selected) AdamW run; "not reached" otherwise.
 * **step time / SGD**: over steps 2..n (step 1 carries one-time costs: allocator warm-up, the
   first eigendecompositions), the mean step time divided by SGD's mean, the median by SGD's
   median, and the worst single step by SGD's median (a typical SGD step).
+* **final test metric**: the last evaluation's, or the task's ``final_test_metric`` (a larger
+  set, once at the end) when it has one.
 """
 
 from __future__ import annotations
@@ -21,18 +24,16 @@ from __future__ import annotations
 import csv
 import json
 import math
-import platform
 import statistics
-import subprocess
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from .optimizers import LABELS
 
-LABELS = {"sgd": "SGD", "adamw": "AdamW", "kfac": "K-FAC", "ekfac": "EKFAC", "tekfac": "TEKFAC"}
+if TYPE_CHECKING:
+    from .experiments import Task
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Run:
     skipped_steps: int = 0
     warnings: list[str] = field(default_factory=list)
     selected: bool = True                  # the reported point of its optimizer (best of a grid)
+    final_test: float | None = None        # the task's final_test_metric, when it has one
 
     @property
     def label(self) -> str:
@@ -61,6 +63,8 @@ class Run:
 
     @property
     def final_test_metric(self) -> float:
+        if self.final_test is not None:
+            return self.final_test
         return self.evals[-1]["test_metric"] if self.evals else math.nan
 
     def step_stats(self) -> dict[str, float]:
@@ -82,48 +86,6 @@ def selection_key(run: Run) -> float:
     """Grid selection: the lowest final train loss; diverged runs last."""
     loss = run.final_train_loss
     return loss if math.isfinite(loss) and run.status == "ok" else math.inf
-
-
-# -- environment ----------------------------------------------------------------------------------
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def device_slug(device: torch.device) -> str:
-    """A folder name for the device: ``cpu``, or the GPU's name (``nvidia-h100-80gb-hbm3``)."""
-    if device.type != "cuda":
-        return device.type
-    name = torch.cuda.get_device_name(device).lower()
-    return "-".join("".join(c if c.isalnum() else " " for c in name).split())
-
-
-def _git_commit() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{commit}{' (uncommitted changes)' if dirty else ''}" if commit else "unknown"
-
-
-def environment(device: torch.device, command: str) -> dict[str, Any]:
-    """The command, device, versions and date of a run (for the JSON log and the summary)."""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
-    env = dict(command=command, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               device=str(device), device_name=device_name(device), torch=torch.__version__,
-               triton=triton_version, cuda=torch.version.cuda, python=platform.python_version(),
-               platform=platform.platform(), threads=torch.get_num_threads(), git_commit=_git_commit(),
-               tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32)
-    return env
 
 
 # -- logs -----------------------------------------------------------------------------------------
@@ -167,17 +129,20 @@ def write_json(path: Path, payload: dict[str, Any], runs: Sequence[Run]) -> None
 
 
 # -- plot -----------------------------------------------------------------------------------------
-def plot(path: Path, runs: Sequence[Run], title: str, loss_name: str, target: float | None) -> None:
+def plot(path: Path, runs: Sequence[Run], title: str, loss_name: str, target: float | None,
+         test_name: str | None = None) -> None:
     """Train loss vs wall-clock (left) and vs step (right) for every optimizer's selected run
     (thick, markers) and, after a grid, its other points (thin, faint). A dotted line marks
-    AdamW's final loss when there is one."""
+    AdamW's final loss when there is one. With ``test_name`` (a test metric in the loss's units)
+    the selected runs' test metric is drawn dashed beside their train loss."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), constrained_layout=True)
     colors = dict(zip(LABELS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    positive = all(e["train_loss"] > 0 for r in runs for e in r.evals if math.isfinite(e["train_loss"]))
+    keys = ("train_loss", "test_metric") if test_name else ("train_loss",)
+    positive = all(e[k] > 0 for r in runs for e in r.evals for k in keys if math.isfinite(e[k]))
     for run in sorted(runs, key=lambda r: r.selected):
         xs_time = [e["wall_s"] for e in run.evals]
         xs_step = [e["step"] for e in run.evals]
@@ -187,14 +152,21 @@ def plot(path: Path, runs: Sequence[Run], title: str, loss_name: str, target: fl
                      label=run.label if run.selected else None)
         axes[0].plot(xs_time, ys, **style)
         axes[1].plot(xs_step, ys, **style)
+        if test_name and run.selected:
+            test = [e["test_metric"] if math.isfinite(e["test_metric"]) else math.nan for e in run.evals]
+            dashed = dict(color=colors[run.optimizer], linestyle="--", linewidth=1.2, alpha=0.6)
+            axes[0].plot(xs_time, test, label=f"{LABELS[run.optimizer]} {test_name.split(' (')[0]}", **dashed)
+            axes[1].plot(xs_step, test, **dashed)
     for ax, xlabel in zip(axes, ("training wall-clock (s, timed steps only)", "step")):
         if target is not None and math.isfinite(target):
             ax.axhline(target, color="grey", linestyle=":", linewidth=1, label="AdamW final" if ax is axes[0] else None)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"train {loss_name}")
+        ax.set_ylabel(f"{loss_name}\ntrain (solid), {test_name.split(' (')[0]} (dashed)" if test_name
+                      else f"train {loss_name}")
         if positive:
             ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
+    axes[1].set_xlim(left=0)
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.savefig(path, dpi=120)
@@ -202,13 +174,26 @@ def plot(path: Path, runs: Sequence[Run], title: str, loss_name: str, target: fl
 
 
 # -- summary --------------------------------------------------------------------------------------
+def _threads(n: int) -> str:
+    return f"{n} thread{'' if n == 1 else 's'}"
+
+
 def _fmt(x: float | None, spec: str = ".4g") -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+HPARAM_KEYS = ("lr", "damping", "momentum", "betas", "factor_every", "eigen_every", "kl_clip", "weight_decay",
+               "fisher", "mc_samples")
+
+
 def format_hparams(hparams: dict[str, Any]) -> str:
-    keys = ("lr", "damping", "momentum", "eigen_every", "kl_clip", "weight_decay")
-    return " ".join(f"{k}={hparams[k]:g}" for k in keys if isinstance(hparams.get(k), (int, float)))
+    """The hyperparameters that differ between methods, compactly (``betas=0.9,0.999``, ``fisher=mc``)."""
+    def shown(v: Any) -> str:
+        if isinstance(v, (tuple, list)):
+            return ",".join(map(shown, v))
+        return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+    return " ".join(f"{k}={shown(hparams[k])}" for k in HPARAM_KEYS if hparams.get(k) is not None)
 
 
 def summary_rows(runs: Sequence[Run]) -> tuple[list[dict[str, Any]], float | None]:
@@ -241,15 +226,17 @@ def markdown_summary(experiment: str, runs: Sequence[Run], env: dict[str, Any], 
     cpu_note = " — **CPU figures**" if env["device"].startswith("cpu") else ""
     lines = [f"# `{experiment}` on {env['device_name']}{cpu_note}", "",
              f"- command: `{env['command']}`",
-             f"- device: {env['device_name']} (`{env['device']}`); torch {env['torch']}, triton {env['triton']}, "
-             f"CUDA {env['cuda']}, Python {env['python']}; {env['date']}; commit {env['git_commit']}",
+             f"- device: {env['device_name']} (`{env['device']}`, {_threads(env['threads'])}); torch {env['torch']}, "
+             f"triton {env['triton']}, CUDA {env['cuda']}, Python {env['python']}; {env['date']}; "
+             f"commit {env['git_commit']}",
              f"- model: {description.get('model')}",
              f"- data: {description.get('data')}",
              f"- train loss: {loss_name} on {description.get('train_loss')}; test metric: "
              f"{test_metric_name}, {description.get('test_metric')}",
+             *([f"- {description['note']}"] if description.get("note") else []),
              f"- limit per run: {limit}; wall-clock counts the timed steps only (forward, backward, optimizer "
-             "step; on CUDA the training stream is synchronised around each); step times over steps 2..n; worst / SGD = worst step / SGD's "
-             "median step", ""]
+             "step; on CUDA the training stream is synchronised around each); step times over steps 2..n; "
+             "worst / SGD = worst step / SGD's median step", ""]
     sgd_ran = any(r["optimizer"] == "sgd" for r in rows)
     adamw_note = f"{target:.4g}" if target is not None else "no AdamW run"
     lines += [f"| optimizer | hyperparameters | steps | time (s) | final train loss | {test_metric_name} | "
@@ -279,3 +266,23 @@ def markdown_summary(experiment: str, runs: Sequence[Run], env: dict[str, Any], 
             lines.append(f"| {LABELS[r.optimizer]} | {r.hparams['lr']:g} | {_fmt(r.final_train_loss)} | {r.status} | "
                          f"{'yes' if r.selected else ''} |")
     return "\n".join(lines) + "\n"
+
+
+# -- everything at once ---------------------------------------------------------------------------
+def write_report(out: Path, name: str, task: Task, runs: Sequence[Run], env: dict[str, Any],
+                 config: dict[str, Any], limit: str, title: str, *, summary_file: str = "summary.md") -> str:
+    """Write ``log.csv``, ``log.json``, ``loss.png`` and the summary (``summary_file``) of one
+    benchmark invocation into ``out``; return the summary's markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows, target = summary_rows(runs)
+    payload = dict(experiment=name, config=config, environment=env, description=task.description,
+                   loss=task.loss_name, test_metric=task.test_metric_name,
+                   test_metric_higher_is_better=task.higher_is_better, adamw_final_train_loss=target, summary=rows)
+    write_csv(out / "log.csv", name, runs)
+    write_json(out / "log.json", payload, runs)
+    threads = f" ({_threads(env['threads'])})" if env["device"].startswith("cpu") else ""
+    plot(out / "loss.png", runs, f"{title}: {env['device_name']}{threads}, {limit} per run", task.loss_name, target,
+         task.test_metric_name if task.test_metric_is_loss else None)
+    summary = markdown_summary(name, runs, env, task.description, task.loss_name, task.test_metric_name, limit)
+    (out / summary_file).write_text(summary)
+    return summary

@@ -1,6 +1,7 @@
 """Per-step wall time and peak memory of full training steps (zero_grad + forward + backward +
-optimizer step) of SGD, AdamW, EKFAC, K-FAC and MAC on the three peer models of DESIGN §4, in one
-process on one device.
+optimizer step) of SGD, AdamW, EKFAC, K-FAC and MAC on three models (an MLP autoencoder, VGG11 and
+a stack of wide MLP blocks: the layer shapes on which second-order optimizers are usually
+compared), in one process on one device.
 
     python -m bench.step_time                      # all models, cuda if available, 20 + 60 steps
     python -m bench.step_time --quick              # CPU smoke run (tiny sizes; not a result)
@@ -9,8 +10,9 @@ process on one device.
 
 Data are synthetic (random tensors, fixed seed): this measures time, not optimisation.
 
-Timing: each step is bracketed by a synchronisation (``torch.cuda.synchronize()`` on CUDA with
-``--sync device``, the default; ``--sync stream`` waits only for the current stream, so that
+Timing: each step is bracketed by :func:`bench.runner.synchronize` (``torch.cuda.synchronize()``
+on CUDA with ``--sync device``, the default: each step is charged the refreshes it starts;
+``--sync stream`` waits only for the current stream, as the training runner does, so that
 eigendecompositions that EKFAC runs on its side stream overlap with later steps as they would in
 a training loop that does not synchronise; plain ``time.perf_counter`` on CPU).
 
@@ -40,16 +42,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as _dt
 import gc
 import json
 import math
-import platform
-import re
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,13 +64,21 @@ except ImportError:  # pragma: no cover - tqdm is in the bench extra
 
 from ekfac_triton import EKFAC
 
+from .environment import command_line, device_slug, environment
+from .experiments import VGG11_CHANNELS, autoencoder, mlp_stack, vgg11
 from .memory import PeakMemory, state_bytes, tensor_bytes
+from .optimizers import describe, make_optimizer
+from .runner import SYNC_SCOPES, synchronize
 
 MODELS = ("autoencoder", "vgg11", "mlp-stack")
-SIZES = ("tiny", "small", "full")  # tiny: --quick; small: CPU-sized measurements; full: DESIGN §4's sizes
+# tiny: --quick; small: CPU-sized measurements; full: autoencoder 784-1000-500-250-30 at batch 512,
+# VGG11 at batch 128, MLP blocks 1024 -> 4096 -> 1024 on 4096 tokens (the published comparisons' sizes)
+SIZES = ("tiny", "small", "full")
 MIB = 2**20
-GOAL_WORST_OVER_MEDIAN = 1.5  # issue goal: worst step <= 1.5x median step
-GOAL_E10_OVER_NO_REFRESH = 2.0  # issue goal: mean step at eigen_every=10 <= 2x our mean without refresh
+# The targets of the staggered refresh schedule (the "goals" column): the worst step at most 1.5x
+# the median step, and the mean step at eigen_every=10 at most 2x our own mean without refreshes.
+GOAL_WORST_OVER_MEDIAN = 1.5
+GOAL_E10_OVER_NO_REFRESH = 2.0
 NO_REFRESH = "ekfac-no-refresh"
 
 
@@ -84,40 +92,6 @@ class Workload:
     description: str
 
 
-def _autoencoder(widths: list[int]) -> nn.Module:
-    # Encoder widths[0] -> ... -> widths[-1] (the code, linear), decoder mirrored, output logits.
-    dims = widths + widths[-2::-1]
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        layers.append(nn.Linear(a, b))
-        if i not in (len(widths) - 2, len(dims) - 2):  # no activation on the code or the output
-            layers.append(nn.Tanh())
-    return nn.Sequential(*layers)
-
-
-VGG11_CFG = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
-
-
-def _vgg11(width_div: int, num_classes: int = 10) -> nn.Module:
-    layers: list[nn.Module] = []
-    c_in = 3
-    for v in VGG11_CFG:
-        if v == "M":
-            layers.append(nn.MaxPool2d(2, 2))
-        else:
-            c = int(v) // width_div
-            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
-            c_in = c
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c_in, num_classes))
-
-
-def _mlp_stack(d: int, hidden: int, blocks: int = 4) -> nn.Module:
-    layers: list[nn.Module] = []
-    for _ in range(blocks):
-        layers += [nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d)]
-    return nn.Sequential(*layers)
-
-
 def make_workload(name: str, quick: bool, device: torch.device, n_batches: int = 4,
                   size: str | None = None) -> Workload:
     """The model (seeded) and a few fixed synthetic batches already on ``device``.
@@ -128,7 +102,7 @@ def make_workload(name: str, quick: bool, device: torch.device, n_batches: int =
         device: where the model and batches live.
         n_batches: how many distinct batches the steps cycle through.
         size: ``"tiny"``, ``"small"`` (narrower/smaller models that a CPU thread trains in well under
-            a second per step) or ``"full"`` (DESIGN §4's); None: tiny if ``quick`` else full.
+            a second per step) or ``"full"`` (see :data:`SIZES`); None: tiny if ``quick`` else full.
     """
     size = size or ("tiny" if quick else "full")
     if size not in SIZES:
@@ -139,7 +113,7 @@ def make_workload(name: str, quick: bool, device: torch.device, n_batches: int =
     if name == "autoencoder":
         widths = [196, 100, 50, 25, 10] if tiny else [784, 250, 125, 60, 30] if small else [784, 1000, 500, 250, 30]
         batch = 32 if tiny else 128 if small else 512
-        model = _autoencoder(widths)
+        model = autoencoder(nn.Tanh, widths)
         xs = [torch.rand(batch, widths[0], generator=gen) for _ in range(n_batches)]
         batches = [(x, x) for x in xs]
         loss_fn = nn.functional.binary_cross_entropy_with_logits
@@ -148,18 +122,18 @@ def make_workload(name: str, quick: bool, device: torch.device, n_batches: int =
     elif name == "vgg11":
         div = 16 if tiny else 4 if small else 1
         batch = 8 if tiny else 32 if small else 128
-        model = _vgg11(div)
+        model = vgg11(div, inplace_relu=True)
         xs = [torch.randn(batch, 3, 32, 32, generator=gen) for _ in range(n_batches)]
         ys = [torch.randint(0, 10, (batch,), generator=gen) for _ in range(n_batches)]
         batches = list(zip(xs, ys))
         loss_fn = nn.functional.cross_entropy
-        widths = [v if v == "M" else int(v) // div for v in VGG11_CFG]
+        widths = [v if v == "M" else int(v) // div for v in VGG11_CHANNELS]
         desc = (f"VGG11 {widths} + BatchNorm + ReLU, Linear({widths[-2]}, 10), 32x32x3 input, batch {batch}, "
                 "cross-entropy on N(0, 1) images with uniform random labels")
     elif name == "mlp-stack":
         d, hidden, shape = ((64, 256, (2, 32, 64)) if tiny else (256, 1024, (2, 128, 256)) if small
                             else (1024, 4096, (4, 1024, 1024)))
-        model = _mlp_stack(d, hidden)
+        model = mlp_stack(d, hidden, gelu_between_blocks=False)
         xs = [torch.randn(*shape, generator=gen) for _ in range(n_batches)]
         ts = [torch.randn(*shape, generator=gen) for _ in range(n_batches)]
         batches = list(zip(xs, ts))
@@ -178,17 +152,15 @@ def make_workload(name: str, quick: bool, device: torch.device, n_batches: int =
 @dataclass
 class Config:
     name: str
-    kind: str  # "sgd" | "adamw" | "ekfac"
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    kind: str  # a kind of bench.optimizers.make_optimizer
+    hparams: dict[str, Any] = field(default_factory=dict)
     period: int | None = None  # eigen_every where refreshes happen in the run (for alignment)
 
     def describe(self) -> str:
-        if self.kind == "sgd":
-            return "torch.optim.SGD(lr=0.01, momentum=0.9)"
-        if self.kind == "adamw":
-            return "torch.optim.AdamW(lr=1e-3)"
-        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
-        return f"EKFAC({args})"
+        return describe(self.kind, self.hparams)
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return make_optimizer(self.kind, model, self.hparams)
 
 
 def configurations(total_steps_bound: int) -> list[Config]:
@@ -197,26 +169,18 @@ def configurations(total_steps_bound: int) -> list[Config]:
     # damping 0.1 keeps every model finite over a few hundred steps on random data (a diverged run would
     # time the skipped-step path instead); the step's cost does not depend on lr or damping.
     base = dict(lr=0.01, damping=0.1, momentum=0.9, factor_every=1)
-    cfgs = [Config("sgd", "sgd"), Config("adamw", "adamw")]
+    cfgs = [Config("sgd", "sgd", dict(lr=0.01, momentum=0.9)), Config("adamw", "adamw", dict(lr=1e-3))]
     for every in (10, 100):
         for stagger in (True, False):
             tag = "stagger" if stagger else "all-at-once"
-            cfgs.append(Config(f"ekfac-e{every}-{tag}", "ekfac",
-                               dict(base, curvature="ekfac", eigen_every=every, stagger=stagger), every))
-    cfgs.append(Config(NO_REFRESH, "ekfac", dict(base, curvature="ekfac", eigen_every=total_steps_bound, stagger=True)))
-    cfgs.append(Config("kfac-e10-stagger", "ekfac", dict(base, curvature="kfac", eigen_every=10, stagger=True), 10))
-    # MAC with the official periods (statistics every 5 steps, refresh every 50) and ρ = 1
-    cfgs.append(Config("mac-s5-e50", "ekfac", dict(lr=0.01, damping=1.0, momentum=0.9, curvature="mac",
-                                                   factor_every=5, eigen_every=50), 50))
+            cfgs.append(Config(f"ekfac-e{every}-{tag}", "ekfac", dict(base, eigen_every=every, stagger=stagger), every))
+    cfgs.append(Config(NO_REFRESH, "ekfac", dict(base, eigen_every=total_steps_bound, stagger=True)))
+    cfgs.append(Config("kfac-e10-stagger", "kfac", dict(base, eigen_every=10, stagger=True), 10))
+    # MAC with the official periods (statistics every 5 steps, refresh every 50) and ρ = 1, no weight
+    # decay (as every other row)
+    cfgs.append(Config("mac-s5-e50", "mac", dict(lr=0.01, damping=1.0, momentum=0.9, weight_decay=0.0,
+                                                 factor_every=5, eigen_every=50), 50))
     return cfgs
-
-
-def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    if cfg.kind == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    if cfg.kind == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=1e-3)
-    return EKFAC(model, **cfg.kwargs)
 
 
 def plan_steps(cfg: Config, warmup: int, steps: int, align: bool) -> tuple[int, int]:
@@ -228,14 +192,6 @@ def plan_steps(cfg: Config, warmup: int, steps: int, align: bool) -> tuple[int, 
 
 
 # -- timing -----------------------------------------------------------------------------------------
-def _sync_fn(device: torch.device, mode: str) -> Callable[[], None]:
-    if device.type != "cuda":
-        return lambda: None
-    if mode == "stream":
-        return lambda: torch.cuda.current_stream(device).synchronize()
-    return lambda: torch.cuda.synchronize(device)
-
-
 def _pct(sorted_xs: list[float], q: float) -> float:
     """Linear-interpolated percentile (q in [0, 100]) of sorted data."""
     if len(sorted_xs) == 1:
@@ -281,7 +237,7 @@ def cpu_peak_bytes(work: Workload, cfg: Config, warmup: int, steps: int, state: 
     device = torch.device("cpu")
     _reset(work.model, state, device)
     peak = PeakMemory(device)
-    opt = make_optimizer(cfg, work.model)
+    opt = cfg.make_optimizer(work.model)
     try:
         one_step = _step_fn(work, opt)
         for i in range(warmup + steps):
@@ -305,7 +261,7 @@ def run_config(work: Workload, cfg: Config, warmup: int, steps: int, device: tor
     model_bytes = tensor_bytes(model.parameters()) + tensor_bytes(model.buffers())
     _reset(model, state, device)
     peak = PeakMemory(device) if device.type == "cuda" else None  # free on CUDA: taken while timing
-    opt = make_optimizer(cfg, model)
+    opt = cfg.make_optimizer(model)
     one_step = _step_fn(work, opt)
 
     eigen = opt.preconditioner.eigen if isinstance(opt, EKFAC) else None
@@ -352,46 +308,7 @@ def run_config(work: Workload, cfg: Config, warmup: int, steps: int, device: tor
                 state_mb=held_bytes / MIB, peak_mb=None if peak_bytes is None else (model_bytes + peak_bytes) / MIB)
 
 
-# -- environment and output -------------------------------------------------------------------------
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "device"
-
-
-def environment(device: torch.device, argv: list[str], sync_mode: str) -> dict[str, Any]:
-    try:
-        import triton
-        triton_version = triton.__version__
-    except Exception:  # pragma: no cover - triton absent or broken
-        triton_version = None
-    import ekfac_triton
-    env = dict(device=str(device), device_name=device_name(device), torch=torch.__version__,
-               triton=triton_version, ekfac_triton=getattr(ekfac_triton, "__version__", None),
-               python=platform.python_version(), platform=platform.platform(),
-               torch_threads=torch.get_num_threads(),
-               date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-               command=" ".join([Path(sys.executable).name, "-m", "bench.step_time", *argv]),
-               sync=("perf_counter only (CPU)" if device.type != "cuda" else
-                     "torch.cuda.synchronize() before/after each step" if sync_mode == "device" else
-                     "current-stream synchronize() before/after each step"))
-    if device.type == "cuda":
-        env["cuda"] = torch.version.cuda
-        env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
-        env["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
-    try:
-        import subprocess
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                           cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
-    except Exception:  # pragma: no cover
-        env["git_commit"] = None
-    return env
-
-
+# -- output -------------------------------------------------------------------------------------------
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     by_model: dict[str, dict[str, dict[str, Any]]] = {}
     for r in rows:
@@ -451,7 +368,7 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], descs: dict[str, s
     lines = []
     if quick:
         lines.append("**SMOKE RUN (`--quick`): tiny scaled-down models, few steps. Not a performance result.**\n")
-    lines.append(f"Step time, {env['device_name']} ({env['device']}, {env['torch_threads']} torch threads), "
+    lines.append(f"Step time, {env['device_name']} ({env['device']}, {env['threads']} torch threads), "
                  f"torch {env['torch']}, triton {env['triton']}, "
                  f"{env['date']}; timing: {env['sync']}.")
     lines.append(f"Command: `{env['command']}`")
@@ -470,7 +387,7 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], descs: dict[str, s
         lines.append(f"- `{m}`: {d}")
     lines.append("")
     head = ["model", "config", "warm+timed", "refreshes", "mean ms", "median ms", "p20 ms", "p80 ms", "worst ms",
-            "mean/SGD", "worst/median", "mean/no-refresh", "state MB", "peak MB", "peak/SGD", "goals (issue)"]
+            "mean/SGD", "worst/median", "mean/no-refresh", "state MB", "peak MB", "peak/SGD", "goals"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join(["---"] * 2 + ["---:"] * 13 + ["---"]) + "|")
     for r in rows:
@@ -482,7 +399,7 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], descs: dict[str, s
             _f(r["mean_over_no_refresh"], ".2f"), _f(r["state_mb"], ".2f"), _f(r["peak_mb"], ".1f"),
             _f(r["peak_over_sgd"], ".2f"), r["goals"] or ""]) + " |")
     lines.append("")
-    lines.append(f"Goals from the issue: worst step ≤ {GOAL_WORST_OVER_MEDIAN}× median (meant for the default "
+    lines.append(f"Goals: worst step ≤ {GOAL_WORST_OVER_MEDIAN}× median (meant for the default "
                  f"staggered schedule; all-at-once rows are the peers' schedule, shown for contrast); mean step at "
                  f"eigen_every=10 ≤ {GOAL_E10_OVER_NO_REFRESH:g}× our own mean with refresh disabled "
                  f"(`{NO_REFRESH}`: first basis only). 'refreshes' counts layer eigendecompositions started in the "
@@ -534,11 +451,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "with --quick; see the module docstring)")
     p.add_argument("--no-align", dest="align", action="store_false",
                    help="run exactly --warmup/--steps for every configuration")
-    p.add_argument("--sync", choices=("device", "stream"), default="device",
+    p.add_argument("--sync", choices=SYNC_SCOPES, default="device",
                    help="CUDA: torch.cuda.synchronize() (device, default) or current stream only around each step")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny models, few steps (labelled as such)")
     p.add_argument("--size", choices=SIZES, default=None, help="model sizes (default: tiny with --quick, else "
-                   "full = DESIGN §4's; small = CPU-sized: VGG11 at 1/4 width, batch 32; MLP 256->1024, 256 tokens)")
+                   "full: autoencoder 784-1000-500-250-30 batch 512, VGG11 batch 128, MLP 1024->4096 on 4096 "
+                   "tokens; small = CPU-sized: VGG11 at 1/4 width, batch 32; MLP 256->1024, 256 tokens)")
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="CPU: skip the untimed memory-profiler pass (peak MB left empty); CUDA always measures")
     p.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/step_time/<device>/)")
@@ -584,10 +502,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             raise SystemExit(f"unknown configurations {sorted(unknown)}: choose from {[c.name for c in cfgs]}")
         cfgs = [c for c in cfgs if c.name in wanted]
 
-    sync = _sync_fn(device, args.sync)
-    env = environment(device, argv, args.sync)
+    sync = partial(synchronize, device, args.sync)
+    env = environment(device, command_line("bench.step_time", argv),
+                      sync=("perf_counter only (CPU)" if device.type != "cuda" else
+                            "torch.cuda.synchronize() before/after each step" if args.sync == "device" else
+                            "current-stream synchronize() before/after each step"))
     stem = "step_time_smoke" if args.quick else "step_time" if args.size == "full" else f"step_time_{args.size}"
-    out = args.out or Path(__file__).resolve().parent / "results" / "step_time" / _slug(env["device_name"])
+    out = args.out or Path(__file__).resolve().parent / "results" / "step_time" / device_slug(device)
     if args.quick:
         print("SMOKE RUN (--quick): tiny models and few steps; the numbers are not a performance result.")
     print(f"device: {env['device_name']} ({device}); torch {env['torch']}; triton {env['triton']}; "

@@ -2,8 +2,9 @@
 
 Runs one experiment of :mod:`bench.experiments` (``autoencoder``, ``vgg11``, ``mlp-stack``,
 ``transformer``) with each optimizer (``sgd``, ``adamw``, ``kfac``, ``ekfac``, ``tekfac``) from
-the same initial weights on the same batches, each for the same wall-clock budget and/or step cap,
-and writes into ``--out`` (default ``bench/results/<experiment>/<device>/``):
+the same initial weights on the same batches, each for the same wall-clock budget and/or step cap
+(the training loop of :mod:`bench.runner`, shared with ``bench.demo``), and writes into ``--out``
+(default ``bench/results/<experiment>/<device>/``):
 
 * ``log.csv``: one row per step (wall-clock, step time, batch loss; train loss and test metric at
   evaluation points), every run;
@@ -28,147 +29,32 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import math
-import shlex
 import sys
 import time
-import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from ekfac_triton import EKFAC
-
-from .experiments import CURVATURES, EXPERIMENTS, HPARAMS, LR_GRID, OPTIMIZERS, Task, build_task, hparam_points
-from .report import (LABELS, Run, device_slug, environment, markdown_summary, plot, selection_key,
-                     summary_rows, write_csv, write_json)
+from .environment import command_line, device_slug, environment
+from .experiments import EXPERIMENTS, HPARAMS, LR_GRID, OPTIMIZERS, build_task, hparam_points
+from .optimizers import LABELS
+from .report import Run, write_report
+from .runner import Settings, require_extras, run_optimizers, torch_threads
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-@dataclass
-class Config:
-    """The command-line options of one benchmark invocation."""
+@dataclass(kw_only=True)
+class Config(Settings):
+    """The command-line options of one benchmark invocation (:class:`bench.runner.Settings` and
+    the experiment, the grid switch and the output folder)."""
 
     experiment: str
     optimizers: list[str] = field(default_factory=lambda: list(OPTIMIZERS))
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    budget_seconds: float | None = 60.0
-    steps: int | None = None
-    seed: int = 0
-    quick: bool = False
     grid: bool = False
     out: Path | None = None
-    threads: int = 0
-    eval_points: int = 60          # evaluations per run: every budget/eval_points seconds of
-                                   # training time (or every steps/eval_points steps without a budget)
-
-    @property
-    def limit(self) -> str:
-        parts = []
-        if self.budget_seconds is not None:
-            parts.append(f"{self.budget_seconds:g} s")
-        if self.steps is not None:
-            parts.append(f"{self.steps} steps")
-        return " or ".join(parts) + (" (--quick sizes)" if self.quick else "")
-
-
-def make_optimizer(name: str, model: torch.nn.Module, hparams: dict[str, Any]) -> torch.optim.Optimizer:
-    """``sgd`` and ``adamw`` from torch; ``kfac``, ``ekfac``, ``tekfac`` from this library."""
-    if name in CURVATURES:
-        return EKFAC(model, curvature=name, **hparams)
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), **hparams)
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), **hparams)
-    raise ValueError(f"Invalid optimizer={name!r}: must be one of {OPTIMIZERS}")
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the work queued on the training (current) stream, so host timers measure it.
-
-    Only the current stream, not the whole device: the optimizer's asynchronous eigendecompositions
-    run on a side stream, off the critical path, and a device-wide ``torch.cuda.synchronize`` would
-    charge them to the step that happens to be running (a real training loop never waits for them).
-    """
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
-
-
-def train_run(task: Task, name: str, hparams: dict[str, Any], config: Config, *, progress: bool = True) -> Run:
-    """Train a fresh, seeded model with one optimizer until the budget or the step cap.
-
-    Each step (batch already prepared) is timed from a synchronised start to a synchronised end
-    (:func:`synchronize`: the training stream);
-    evaluations (train loss on the fixed subset, the test metric) run between steps, off the clock,
-    at step 0, every ``budget/eval_points`` seconds of training time (without a budget: every
-    ``steps/eval_points`` steps), and at the end.
-    """
-    from tqdm.auto import tqdm
-
-    device = torch.device(config.device)
-    torch.manual_seed(config.seed)
-    model = task.model().to(device)
-    run = Run(name, dict(hparams))
-    optimizer = make_optimizer(name, model, hparams)
-    budget = config.budget_seconds
-    eval_seconds = budget / config.eval_points if budget else math.inf
-    eval_steps = max(1, (config.steps or 0) // config.eval_points) if budget is None else None
-
-    def evaluate() -> None:
-        run.evals.append(dict(step=run.steps, wall_s=run.train_seconds, train_loss=task.train_loss(model),
-                              test_metric=task.test_metric(model)))
-
-    def done() -> bool:
-        return ((config.steps is not None and run.steps >= config.steps)
-                or (budget is not None and run.train_seconds >= budget))
-
-    evaluate()
-    last_eval = 0.0
-    total, unit = (budget, "s") if budget is not None else (config.steps, "step")
-    bar = tqdm(total=total, unit=unit, desc=f"{task.name} {run.label}", disable=not progress, leave=True,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.0f} {unit} [{elapsed}<{remaining}{postfix}]")
-    stream = task.batches(config.seed)
-    model.train()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        while not done():
-            batch = next(stream)
-            synchronize(device)
-            start = time.perf_counter()
-            loss = task.loss(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            synchronize(device)
-            elapsed = time.perf_counter() - start
-            run.steps += 1
-            run.train_seconds += elapsed
-            run.step_ms.append(1000 * elapsed)
-            run.batch_loss.append(float(loss))
-            bar.update(1 if budget is None else min(elapsed, max(budget - bar.n, 0)))
-            bar.set_postfix(step=run.steps, loss=f"{run.batch_loss[-1]:.4g}", refresh=False)
-            if not math.isfinite(run.batch_loss[-1]):
-                run.status = "diverged (non-finite loss)"
-                break
-            if (eval_steps and run.steps % eval_steps == 0) or run.train_seconds - last_eval >= eval_seconds:
-                evaluate()
-                last_eval = run.train_seconds
-    bar.close()
-    if run.evals[-1]["step"] != run.steps:
-        evaluate()
-    run.warnings = sorted({str(w.message) for w in caught})
-    pre = getattr(optimizer, "preconditioner", None)
-    run.skipped_steps = int(getattr(pre, "skipped_steps", 0))
-    if run.skipped_steps:
-        run.status += f"; {run.skipped_steps} steps skipped (non-finite)"
-    if isinstance(optimizer, EKFAC):
-        optimizer.remove_hooks()
-    return run
 
 
 def default_out(config: Config) -> Path:
@@ -179,49 +65,19 @@ def default_out(config: Config) -> Path:
 def run_benchmark(config: Config, command: str = "", *, progress: bool = True) -> tuple[list[Run], Path]:
     """Run every optimizer (every grid point with ``grid``), select the best point per optimizer,
     and write the logs, the plot and the summary; return the runs and the output folder."""
-    _require("tqdm", "tqdm")
-    _require("matplotlib", "matplotlib")
-    threads = torch.get_num_threads()
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
+    require_extras("bench.train")
     device = torch.device(config.device)
     out = config.out or default_out(config)
-    try:
+    with torch_threads(config.threads):
         try:
             task = build_task(config.experiment, device, config.quick)
         except ModuleNotFoundError as e:
             raise SystemExit(f"error: the {config.experiment!r} experiment's data are missing: {e}") from e
-        runs: list[Run] = []
-        for name in config.optimizers:
-            points = [train_run(task, name, hp, config, progress=progress)
-                      for hp in hparam_points(config.experiment, name, config.grid)]
-            best = min(points, key=selection_key)
-            for r in points:
-                r.selected = r is best
-            runs += points
-        env = environment(device, command or shlex.join(["python", "-m", "bench.train", config.experiment]))
-    finally:
-        torch.set_num_threads(threads)
-    out.mkdir(parents=True, exist_ok=True)
-    rows, target = summary_rows(runs)
-    cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
-    payload = dict(experiment=config.experiment, config=cfg, environment=env, description=task.description,
-                   loss=task.loss_name, test_metric=task.test_metric_name,
-                   test_metric_higher_is_better=task.higher_is_better, adamw_final_train_loss=target,
-                   summary=rows)
-    write_csv(out / "log.csv", config.experiment, runs)
-    write_json(out / "log.json", payload, runs)
-    title = f"{config.experiment}: {env['device_name']}, {config.limit} per run"
-    plot(out / "loss.png", runs, title, task.loss_name, target)
-    (out / "summary.md").write_text(markdown_summary(config.experiment, runs, env, task.description,
-                                                     task.loss_name, task.test_metric_name, config.limit))
+        points = {name: hparam_points(config.experiment, name, config.grid) for name in config.optimizers}
+        runs = run_optimizers(task, points, config, progress=progress)
+        env = environment(device, command or command_line("bench.train", [config.experiment]))
+    write_report(out, config.experiment, task, runs, env, config.record(), config.limit, config.experiment)
     return runs, out
-
-
-def _require(module: str, package: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise SystemExit(f"error: bench.train needs {module}: pip install {package} "
-                         '(or pip install -e ".[bench]" for all benchmark dependencies)')
 
 
 def list_experiments() -> str:
@@ -286,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; prints the summary; returns 0 when every selected run finished cleanly."""
     args = list(sys.argv[1:] if argv is None else argv)
     config = parse_args(args)
-    command = shlex.join(["python", "-m", "bench.train", *args])
+    command = command_line("bench.train", args)
     print(f"{config.experiment}: device={config.device} threads={config.threads or torch.get_num_threads()} "
           f"limit={config.limit} optimizers={','.join(config.optimizers)}{' grid' if config.grid else ''}", flush=True)
     wall = time.perf_counter()

@@ -1,4 +1,4 @@
-"""How close warm-started bases stay to exact eigenbases, and what they cost (issue: eigen engine).
+"""How close warm-started bases stay to exact eigenbases, and what they cost.
 
 Trains an MLP on real MNIST with EKFAC and, at every refresh, compares three bases per layer for
 the current batch's Fisher block F (empirical, per-example gradients):

@@ -29,11 +29,15 @@ def test_mac_attention_quick_smoke(tmp_path: Path) -> None:
 
 
 def test_mac_attention_bench_marks_every_qkv_layer() -> None:
-    from bench.mac_attention import ByteGPT, make_optimizer
+    from bench.mac_attention import ByteGPT, settings
+    from bench.optimizers import make_optimizer
 
     model = ByteGPT(d=16, layers=2, heads=2, context=8)
-    opt = make_optimizer("mac-attention", model, heads=2)
+    kind, hparams = settings("mac-attention", model, heads=2)
+    opt = make_optimizer(kind, model, hparams)
     marked = [layer.name for layer in opt.preconditioner.layers if layer.curvature.value_rows is not None]
     assert marked == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
-    plain = make_optimizer("mac", ByteGPT(d=16, layers=2, heads=2, context=8), heads=2)
+    plain_model = ByteGPT(d=16, layers=2, heads=2, context=8)
+    kind, hparams = settings("mac", plain_model, heads=2)
+    plain = make_optimizer(kind, plain_model, hparams)
     assert all(layer.curvature.value_rows is None for layer in plain.preconditioner.layers)

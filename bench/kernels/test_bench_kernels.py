@@ -7,7 +7,7 @@ Run on the GPU (skipped without CUDA)::
 pytest-benchmark records host-side wall time of synchronised calls; the table printed at the end
 (and written to ``$EKFAC_BENCH_CSV``, default ``bench_kernels.csv``) uses CUDA-event timings from
 ``triton.testing.do_bench``: median (p20, p80), the derived TFLOP/s or GB/s, and the fraction of
-the H100 figures of DESIGN §4 (copy 3 TB/s; matmul fp32 52, TF32 380, bf16 700 TFLOP/s).
+the H100's peak figures (copy 3 TB/s; matmul fp32 52, TF32 380, bf16 700 TFLOP/s).
 Flops are counted as the useful work of the torch baseline (2·N·d² for XᵀX), so the symmetric
 kernel's saving shows as a higher rate. Every kernel row is followed by its baseline, measured
 in the same run; the footer names device and versions.

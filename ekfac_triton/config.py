@@ -13,7 +13,6 @@ place. Every bad value raises ``ValueError`` (``TypeError`` for an unknown argum
 
 from __future__ import annotations
 
-import math
 import textwrap
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -231,39 +230,15 @@ class PreconditionerConfig:
                    fisher=FisherConfig(**split[FisherConfig]))
 
     # the settings the step reads most, by their argument names
-    @property
-    def curvature(self) -> str:
-        return self.curvature_class.name
-
-    @property
-    def scaling(self) -> str:
-        return self.options.scaling
-
-    @property
-    def factor_decay(self) -> float:
-        return self.statistics.factor_decay
-
-    @property
-    def factor_every(self) -> int:
-        return self.statistics.factor_every
-
-    @property
-    def eigen_every(self) -> int:
-        return self.eigen.eigen_every
-
-    @property
-    def kl_clip(self) -> float | None:
-        return self.statistics.kl_clip
+    curvature = property(lambda self: self.curvature_class.name, doc="the curvature's name")
+    scaling = property(lambda self: self.options.scaling, doc="the scaling estimator")
+    factor_decay = property(lambda self: self.statistics.factor_decay, doc="StatisticsConfig.factor_decay")
+    factor_every = property(lambda self: self.statistics.factor_every, doc="StatisticsConfig.factor_every")
+    kl_clip = property(lambda self: self.statistics.kl_clip, doc="StatisticsConfig.kl_clip")
+    eigen_every = property(lambda self: self.eigen.eigen_every, doc="EigenConfig.eigen_every")
 
 
 def _all_curvatures() -> list[type[Curvature]]:
     from .curvature import CURVATURES
 
     return list(CURVATURES.values())
-
-
-def check_number_of(name: str, value: object) -> float:
-    """``value`` as a float, or ValueError naming ``name``."""
-    if not is_number(value) or not math.isfinite(value):
-        raise ValueError(f"Invalid {name}={value!r}: must be a finite number")
-    return float(value)

@@ -18,7 +18,7 @@ from .layers import weight_and_bias
 from .layers.base import MatrixLayout
 from .preconditioner import PreconditionedLayer, Preconditioner
 from .step import maths
-from .step.engine import StepPlan
+from .step.engine import StepPlan, state_tensors
 from .step.execution import Compiled, compile_options
 
 class EKFAC(torch.optim.Optimizer):
@@ -229,7 +229,8 @@ class EKFAC(torch.optim.Optimizer):
         fused = [layer for layer, job in zip(plan.layers, plan.jobs) if job is None]
         groups, jobs, layouts, lr_at = self._updates(plan, group_of, {p for layer in fused for p in layer.adapter.params})
         execution = pre.execution
-        execution.mark_static(*[t for g in groups for t in (*g.params, *g.buffers) if t is not None])
+        execution.mark_static(*[t for g in groups for t in (*g.params, *g.buffers) if t is not None],
+                              *[t for job in jobs for t in state_tensors(job)])
         execution.run(maths.precondition_and_update, jobs, layouts, groups, execution.scalars("update", plan.scalars),
                       plan.finite, execution.skips, pre.config.kl_clip, lr_at, self.decoupled_weight_decay,
                       pre.backend)

@@ -206,7 +206,7 @@ class StepEngine:
         what they updated over the ranks (``averaged``: ``(weight, tensors)`` per layer)."""
         jobs = [job for job in jobs if job is not None]
         if jobs:
-            self.execution.mark_static(*[t for job in jobs for t in _state_tensors(job)])
+            self.execution.mark_static(*[t for job in jobs for t in state_tensors(job)])
             self.execution.run(fn, jobs, self.execution.scalars(name, scalars), mask, self.backend)
         self.distribution.average([t for _, ts in averaged for t in ts], [w for w, ts in averaged for _ in ts])
 
@@ -304,7 +304,7 @@ class StepEngine:
         return batch
 
 
-def _state_tensors(job: Any) -> list[Tensor]:
+def state_tensors(job: Any) -> list[Tensor]:
     """The state tensors a job updates or reads every step (CUDA graphs keep their addresses):
     its fields other than the batch's own tensors."""
     batch_fields = {"a", "g", "grad", "token_weights"}

@@ -5,6 +5,7 @@
     loss.backward(); opt.step(); opt.zero_grad()
 """
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .discovery import register_adapter
 from .layers import AttentionSpec, LayerAdapter
 from .mac import MAC
@@ -13,4 +14,4 @@ from .preconditioner import Preconditioner
 
 __version__ = "0.1.0"
 __all__ = ["EKFAC", "KFAC", "TEKFAC", "MAC", "AttentionSpec", "LayerAdapter", "Preconditioner", "register_adapter",
-           "__version__"]
+           "load_checkpoint", "save_checkpoint", "__version__"]

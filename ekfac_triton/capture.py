@@ -121,6 +121,8 @@ class LayerCapture:
         self.keep_outputs = False
         self.output: Tensor | None = None
         self.completed = 0
+        #: the tensor version counters of the kept input and output-gradient when captured
+        self.versions: tuple[int, int] | None = None
         self.input_shape: torch.Size | None = None
         self._read_call = read_call or _first_argument
         self._key = next(_KEYS)
@@ -170,9 +172,25 @@ class LayerCapture:
             self.inputs = inputs.detach().clone() if copy else inputs
             self.grad_output = grad.detach().clone() if copy else grad.detach()
             self.record = record
+            self.versions = (self.inputs._version, self.grad_output._version)
         self.completed += 1
 
+    def check_unchanged(self, name: str) -> None:
+        """Raise if the kept input or output-gradient was modified in place since it was captured
+        (the eager path keeps views of them, not copies: e.g. a loader that writes the next batch
+        into the same buffer before ``step()`` would silently change the statistics)."""
+        if self.inputs is None or self.grad_output is None or self.versions is None:
+            return
+        for what, tensor, version in (("input", self.inputs, self.versions[0]),
+                                      ("output-gradient", self.grad_output, self.versions[1])):
+            if tensor._version != version:
+                raise RuntimeError(f"ekfac_triton: the {what} captured for layer {name!r} was modified in place "
+                                   "between backward() and step(); the statistics would silently change. Do not "
+                                   "overwrite the batch (or its gradients) before step(), or pass a copy to the "
+                                   "model")
+
     def clear(self) -> None:
+        self.versions = None
         self.inputs = None
         self.grad_output = None
         self.curvature_grads = []

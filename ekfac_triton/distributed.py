@@ -153,6 +153,10 @@ class SingleProcess:
     def average(self, tensors: Sequence[Tensor], weights: Sequence[float]) -> None:
         pass
 
+    def agree_flag(self, flag: Tensor) -> bool:
+        """A device flag decided on the host (the step's one sync)."""
+        return bool(flag)
+
     def refresh(self, requests: Sequence[RefreshRequest], eigen: EigenEngine,
                 ) -> dict[int, Decomposition]:
         """Run the due decompositions: the synchronous ones now (returned for installing), the
@@ -217,6 +221,12 @@ class DataParallel:
             raise RuntimeError(f"ekfac_triton: preconditioned layers {uneven} have a gradient on only some ranks; "
                                "every preconditioned layer must run forward and backward on every rank at every step")
         return Agreement(finite=values[0] == 0.0, examples=[int(n) for n in totals])
+
+    def agree_flag(self, flag: Tensor) -> bool:
+        """True only if ``flag`` is True on every rank (one tiny all_reduce and a host sync)."""
+        failed = (~flag).to(torch.float64).reshape(1).to(self.device)
+        dist.all_reduce(failed, group=self.group)
+        return failed.item() == 0.0
 
     # -- 2. and 4. weighted averages -----------------------------------------------------------------
     def average(self, tensors: Sequence[Tensor], weights: Sequence[float]) -> None:

@@ -97,6 +97,28 @@ class EigenEngine:
         self._pending: dict[int, Future] = {}
         self.decompositions = 0  # count of layer refreshes computed (sync or async), for tests
 
+    # -- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, list[int]]:
+        """The per-layer refresh counts (they decide which refreshes are warm starts)."""
+        return {"refreshes": list(self._refreshes)}
+
+    def load_state_dict(self, state: dict[str, list[int]]) -> None:
+        refreshes = state["refreshes"]
+        if len(refreshes) != len(self._refreshes):
+            raise ValueError(f"Invalid state_dict: eigen refresh counts for {len(refreshes)} layers, this engine has "
+                             f"{len(self._refreshes)}")
+        self._refreshes = [int(r) for r in refreshes]
+
+    def snapshot(self) -> tuple[list[int], int, set[int]]:
+        """What a step may change here (for :class:`~ekfac_triton.step.transaction.Transaction`)."""
+        return list(self._refreshes), self.decompositions, set(self._pending)
+
+    def restore(self, snapshot: tuple[list[int], int, set[int]]) -> None:
+        """Undo a step: its counts, and the refreshes it submitted (their results are dropped)."""
+        self._refreshes, self.decompositions, pending = list(snapshot[0]), snapshot[1], snapshot[2]
+        for index in [i for i in self._pending if i not in pending]:
+            del self._pending[index]
+
     def due(self, index: int, step: int) -> bool:
         """Whether layer ``index`` (which has a basis) refreshes it on ``step``."""
         return step >= self.period and step % self.period == self.offsets[index]

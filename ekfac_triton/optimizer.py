@@ -126,6 +126,11 @@ class EKFAC(torch.optim.Optimizer):
     def _modules_in_groups(self, model: nn.Module) -> list[nn.Module]:
         """The model's modules whose weight this optimizer owns; weight and bias in one group."""
         group_of = {p: i for i, group in enumerate(self.param_groups) for p in group["params"]}
+        ours = {id(p) for p in unwrap_model(model).parameters()}
+        foreign = [tuple(p.shape) for p in group_of if id(p) not in ours]
+        if foreign:
+            raise ValueError(f"Invalid params: {len(foreign)} tensor(s) of shapes {foreign} are not parameters of "
+                             "the model (EKFAC's parameter groups are over the model it hooks into)")
         owned = []
         for name, module in unwrap_model(model).named_modules():
             weight, bias = weight_and_bias(module)
@@ -203,6 +208,7 @@ class EKFAC(torch.optim.Optimizer):
         grads = [p.grad for p in group_of if p.grad is not None]
         for g in grads:
             if g.is_sparse:
+                self._preconditioner.discard_capture()
                 raise RuntimeError("EKFAC does not support sparse gradients")
         # Set by GradScaler.step (protocol above) for this call only.
         found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
@@ -218,28 +224,44 @@ class EKFAC(torch.optim.Optimizer):
         return loss
 
     def _step(self, group_of: dict[Tensor, dict[str, Any]], grads: list[Tensor]) -> None:
-        """The engine's phases, then directions, KL clip, weight decay, momentum and the update
-        of every parameter in one call (:func:`ekfac_triton.step.maths.precondition_and_update`)."""
+        """The engine's phases, then — through the execution strategy — the directions, the
+        step's check, and KL clip, weight decay, momentum and the update of every parameter
+        (:mod:`ekfac_triton.step.maths`); the step commits only once all of it has run."""
         pre = self._preconditioner
+        try:
+            for group in self.param_groups:  # values may have been changed since construction
+                check_group(group)
+        except ValueError:
+            pre.discard_capture()  # this step is over: its batch must not count towards the next
+            raise
         fuse = not pre.execution.compiled and pre.backend == "triton" and pre.config.kl_clip is None
         plan = pre.advance(lambda layer: group_of[layer.adapter.weight]["damping"], also_check=grads,
                            fused=self._fusable if fuse else None)
         if plan is None:
             return
         fused = [layer for layer, job in zip(plan.layers, plan.jobs) if job is None]
-        groups, jobs, layouts, lr_at = self._updates(plan, group_of, {p for layer in fused for p in layer.adapter.params})
-        execution = pre.execution
-        execution.mark_static(*[t for g in groups for t in (*g.params, *g.buffers) if t is not None],
-                              *[t for job in jobs for t in state_tensors(job)])
-        execution.run(maths.precondition_and_update, jobs, layouts, groups, execution.scalars("update", plan.scalars),
-                      plan.finite, execution.skips, pre.config.kl_clip, lr_at, self.decoupled_weight_decay,
-                      pre.backend)
-        for layer in fused:
-            group = group_of[layer.adapter.weight]
-            layer.curvature.fused_update(layer.adapter, self._momentum_buffer, damping=group["damping"],
-                                         lr=group["lr"], momentum=group["momentum"],
-                                         weight_decay=group["weight_decay"], decoupled=self.decoupled_weight_decay,
-                                         backend=pre.backend)
+        try:
+            groups, jobs, layouts, lr_at = self._updates(plan, group_of,
+                                                         {p for layer in fused for p in layer.adapter.params})
+            # the update is part of the step's transaction: parameters and buffers can be put back
+            plan.transaction.before_update(
+                t for p in group_of if p.grad is not None
+                for t in (p, self.state[p].get("momentum_buffer") if p in self.state else None))
+            pre.execution.mark_static(*[t for job in jobs for t in state_tensors(job)])
+            if not pre.execution.apply_update(pre, plan, jobs, layouts, groups, pre.config.kl_clip, lr_at,
+                                              self.decoupled_weight_decay):
+                return
+            for layer in fused:
+                group = group_of[layer.adapter.weight]
+                layer.curvature.fused_update(layer.adapter, self._momentum_buffer, damping=group["damping"],
+                                             lr=group["lr"], momentum=group["momentum"],
+                                             weight_decay=group["weight_decay"],
+                                             decoupled=self.decoupled_weight_decay, backend=pre.backend)
+        except BaseException:
+            if not plan.committed:
+                pre.abort(plan.transaction)
+            raise
+        pre.finish(plan)
 
     def _updates(self, plan: StepPlan, group_of: dict[Tensor, dict[str, Any]], fused: set[Tensor],
                  ) -> tuple[list[maths.GroupUpdate], list[Any], tuple[MatrixLayout, ...], tuple[int, ...]]:
@@ -293,8 +315,24 @@ class EKFAC(torch.optim.Optimizer):
         if "preconditioner" not in state_dict:
             raise ValueError("Invalid state_dict: it has no 'preconditioner' entry (not saved by EKFAC?)")
         preconditioner = state_dict.pop("preconditioner")
+        self._preconditioner.check_state_dict(preconditioner)  # everything is checked before anything changes
+        self._check_buffers(state_dict)
         super().load_state_dict(state_dict)
         self._preconditioner.load_state_dict(preconditioner)
+
+    def _check_buffers(self, state_dict: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if a saved momentum buffer does not fit its parameter (torch checks
+        the groups' sizes, not the buffers' shapes)."""
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups):
+            return  # torch raises its own clear error
+        state = state_dict.get("state", {})
+        for saved, group in zip(saved_groups, self.param_groups):
+            for key, p in zip(saved.get("params", []), group["params"]):
+                buffer = state.get(key, {}).get("momentum_buffer")
+                if isinstance(buffer, Tensor) and buffer.shape != p.shape:
+                    raise ValueError(f"Invalid state_dict: the momentum buffer of parameter {key} has shape "
+                                     f"{tuple(buffer.shape)}, the parameter {tuple(p.shape)} (a model of another width?)")
 
 
 EKFAC.__doc__ = EKFAC.__doc__.replace("{arguments}", argument_docs(curvatures=tuple(CURVATURES.values())))

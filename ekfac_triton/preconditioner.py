@@ -212,7 +212,13 @@ class Preconditioner(StepEngine):
             lr_at = (len(plan.scalars),) * len(plan.jobs)
             plan.scalars.append(self.lr)
         with torch.no_grad():
-            directions, scale = maths.directions(plan.jobs, plan.scalars, None, self.backend, kl_clip, lr_at)
+            try:
+                directions, scale = maths.directions(plan.jobs, plan.scalars, None, self.backend, kl_clip, lr_at)
+            except BaseException:
+                self.abort(plan.transaction)
+                raise
+            if not self.check(plan, directions):
+                return False
             for layer, d in zip(plan.layers, directions):
                 if scale is not None:
                     d = d * scale
@@ -221,6 +227,7 @@ class Preconditioner(StepEngine):
                         p.grad = part.to(p.dtype).clone()
                     else:
                         p.grad.copy_(part)
+            self.finish(plan)
         return True
 
     # -- serialisation ----------------------------------------------------------------------------
@@ -233,16 +240,32 @@ class Preconditioner(StepEngine):
             "layers": [{"name": layer.name, **layer.curvature.state_dict()} for layer in self.layers],
             "fisher": self.fisher,
             "generator": self.generator.get_state(),
+            "eigen": self.eigen.state_dict(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict` of a preconditioner of the same model and settings."""
-        names = [entry["name"] for entry in state["layers"]]
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` (naming the layer and the field) unless :meth:`load_state_dict`
+        accepts ``state`` whole; nothing is changed."""
+        if not isinstance(state, dict) or not isinstance(state.get("layers"), list):
+            raise ValueError("Invalid state_dict: not a Preconditioner state_dict (no 'layers' list)")
+        missing = [k for k in ("steps", "skipped_steps") if k not in state]
+        if missing:
+            raise ValueError(f"Invalid state_dict: it lacks {missing}")
+        names = [entry.get("name") for entry in state["layers"]]
         if names != self.preconditioned_modules():
             raise ValueError(f"state_dict is for layers {names}, this preconditioner has {self.preconditioned_modules()}")
         if state.get("fisher", "empirical") != self.fisher:
             raise ValueError(f"state_dict is for fisher={state.get('fisher', 'empirical')!r}, this preconditioner "
                              f"uses fisher={self.fisher!r}")
+        for layer, entry in zip(self.layers, state["layers"]):
+            layer.curvature.check_state(entry, layer.name)
+        if "eigen" in state and len(state["eigen"].get("refreshes", ())) != len(self.layers):
+            raise ValueError("Invalid state_dict: its eigen refresh counts are for another number of layers")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict` of a preconditioner of the same model and settings: checked
+        whole first (:meth:`check_state_dict`), so a refused state changes nothing."""
+        self.check_state_dict(state)
         self.distribution.cancel(self.eigen)  # refreshes in flight belong to the state being replaced
         for layer, entry in zip(self.layers, state["layers"]):
             layer.curvature.load_state_dict(entry)
@@ -250,6 +273,8 @@ class Preconditioner(StepEngine):
         self._host_skipped_steps = int(state["skipped_steps"])
         if "generator" in state:  # resume draws the same MC targets
             self.generator.set_state(state["generator"])
+        if "eigen" in state:  # which refreshes are warm starts (saved since the step redesign)
+            self.eigen.load_state_dict(state["eigen"])
         self.execution.reset_device_skips()  # the loaded count includes the device-counted skips
         self._arm_capture()
 

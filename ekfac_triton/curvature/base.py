@@ -4,7 +4,9 @@ and the bias-corrected EMA weights they share.
 A curvature owns one layer's statistics and turns them into a preconditioned direction. It does
 not run its tensor work itself: for each phase of the step it hands back a *job*, a small
 ``NamedTuple`` of tensors, constants and an offset into the step's scalars whose ``run(scalars,
-finite, backend)`` is a pure function of them (:mod:`ekfac_triton.step.maths`). The eager step
+finite, backend)`` is a pure function of them (:mod:`ekfac_triton.step.maths`), and whose optional
+``mutated()`` names the tensors it updates in place (the step's transaction keeps their old
+values: :mod:`ekfac_triton.step.transaction`). The eager step
 calls the jobs with Python floats; the compiled step calls the very same jobs under
 ``torch.compile`` with a device vector of scalars and a non-finite mask. The bookkeeping (EMA
 counts, schedules) stays here, in Python.
@@ -186,6 +188,10 @@ class Curvature(ABC):
         """Install a finished decomposition; returns a note to warn about, if any."""
         raise NotImplementedError(f"{type(self).__name__} requests no decomposition")
 
+    def installs_in_place(self) -> tuple[Tensor, ...]:
+        """The tensors :meth:`install` overwrites in place (rather than replacing them)."""
+        return ()
+
     def scaling_job(self, batch: LayerBatch, decay: float, scalars: list[float]) -> Any | None:
         """The job of the statistics measured in the refreshed state (default: none)."""
         return None
@@ -199,6 +205,28 @@ class Curvature(ABC):
         """The preconditioned direction, eagerly (one :meth:`direction_job`, run at once)."""
         scalars: list[float] = []
         return self.direction_job(grad, damping, num_examples, decay, scalars).run(scalars, None, self.backend)
+
+    def check_state(self, state: dict[str, Any], layer: str) -> None:
+        """Raise ``ValueError`` naming ``layer`` and the field if :meth:`load_state_dict` would
+        not accept ``state`` exactly (checked for every layer before any is loaded)."""
+        if state.get("curvature", self.name) != self.name:
+            raise ValueError(f"Invalid state_dict: layer {layer!r} has curvature={state.get('curvature')!r} state, "
+                             f"this optimizer uses {self.name!r}")
+
+    @staticmethod
+    def check_tensor(layer: str, field: str, value: Any, shape: tuple[int, ...] | None, dtype: torch.dtype) -> None:
+        """Raise ``ValueError`` unless ``value`` is None or a tensor of ``shape`` and ``dtype``."""
+        if value is None:
+            return
+        if not isinstance(value, Tensor):
+            raise ValueError(f"Invalid state_dict: layer {layer!r} field {field!r} is a {type(value).__name__}, "
+                             "not a tensor")
+        if shape is not None and tuple(value.shape) != tuple(shape):
+            raise ValueError(f"Invalid state_dict: layer {layer!r} field {field!r} has shape {tuple(value.shape)}, "
+                             f"this layer needs {tuple(shape)} (a model of another width?)")
+        if value.dtype != dtype:
+            raise ValueError(f"Invalid state_dict: layer {layer!r} field {field!r} is {value.dtype}, this optimizer "
+                             f"keeps it in {dtype} (factor_dtype / basis_dtype must match)")
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]: ...

@@ -50,6 +50,9 @@ class FactorJob(NamedTuple):
     draws: int
     row_weights: RowWeights | None  # TEKFAC's trace weights; None: unweighted
 
+    def mutated(self) -> tuple[Tensor, ...]:
+        return self.in_factor, self.out_factor
+
     def run(self, scalars: Any, finite: Tensor | None, backend: str) -> None:
         beta, alpha_in, alpha_out = scalars[self.at], scalars[self.at + 1], scalars[self.at + 2]
         w_in = w_out = None
@@ -79,6 +82,9 @@ class ScalingJob(NamedTuple):
     one_hot: bool
     per_position: bool
     draws: int
+
+    def mutated(self) -> tuple[Tensor, ...]:
+        return (self.scaling,)
 
     def run(self, scalars: Any, finite: Tensor | None, backend: str) -> None:
         beta, alpha = scalars[self.at], scalars[self.at + 1]
@@ -128,6 +134,9 @@ class EigenbasisDirection(NamedTuple):
     batch: bool
     effective_damping: bool
     one_hot: bool
+
+    def mutated(self) -> tuple[Tensor, ...]:
+        return (self.scaling,) if self.batch else ()
 
     def run(self, scalars: Any, finite: Tensor | None, backend: str) -> Tensor:
         damping = scalars[self.at]
@@ -257,6 +266,12 @@ class EigenbasisCurvature(Curvature):
             return None
         return result.note + ("" if installed else "; keeping the previous basis")
 
+    def installs_in_place(self) -> tuple[Tensor, ...]:
+        if not self.install_in_place:
+            return ()
+        return tuple(t for t in (self.q_in, self.q_out, self.in_eigenvalues, self.out_eigenvalues, self.scaling)
+                     if t is not None)
+
     def install_basis(self, new_in: Eigh | None, new_out: Eigh | None) -> bool:
         """Install freshly computed eigendecompositions of the factors (None: that one failed).
 
@@ -331,9 +346,30 @@ class EigenbasisCurvature(Curvature):
         state["scaling_mode"] = self.scaling_mode
         return state
 
+    def check_state(self, state: dict[str, Any], layer: str) -> None:
+        super().check_state(state, layer)
+        if state.get("scaling_mode", self.scaling_mode) != self.scaling_mode:
+            raise ValueError(f"Invalid state_dict: layer {layer!r} was saved with scaling={state['scaling_mode']!r}, "
+                             f"this optimizer uses scaling={self.scaling_mode!r}")
+        missing = [k for k in (*self._TENSORS, *self._COUNTS) if k not in state]
+        if missing:
+            raise ValueError(f"Invalid state_dict: layer {layer!r} lacks the fields {missing}")
+        d_out, d_in = self.shape.d_out, self.shape.d_in_bar
+        one_hot = self.shape.one_hot
+        shapes = {"in_factor": (d_in,) if one_hot else (d_in, d_in), "out_factor": (d_out, d_out),
+                  "in_eigenvalues": (d_in,), "out_eigenvalues": (d_out,), "q_in": None if one_hot else (d_in, d_in),
+                  "q_out": (d_out, d_out), "scaling": (d_out, d_in)}
+        for k in self._TENSORS:
+            dtype = self.in_factor.dtype if k.endswith("_factor") else self._basis_dtype()
+            self.check_tensor(layer, k, state[k], shapes[k], dtype)
+        if (state["q_out"] is None) != (state["scaling"] is None):
+            raise ValueError(f"Invalid state_dict: layer {layer!r} has a basis without a scaling, or the reverse")
+        for k in self._COUNTS:
+            if not isinstance(state[k], int) or state[k] < 0:
+                raise ValueError(f"Invalid state_dict: layer {layer!r} field {k!r}={state[k]!r} is not a count")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("curvature") != self.name:
-            raise ValueError(f"state is for curvature {state.get('curvature')!r}, this layer uses {self.name!r}")
+        self.check_state(state, "?")
         device = self.in_factor.device
         for k in self._TENSORS:
             value = state[k]

@@ -57,6 +57,9 @@ class MACStatistics(NamedTuple):
     d_in: int
     bias: bool
 
+    def mutated(self) -> tuple[Tensor, ...]:
+        return (self.mean_ema,) if self.value_ema is None else (self.mean_ema, self.value_ema)
+
     def run(self, scalars: Any, finite: Tensor | None, backend: str) -> None:
         beta, alpha = scalars[self.at], scalars[self.at + 1]
         dtype, d = self.mean_ema.dtype, self.d_in
@@ -224,13 +227,21 @@ class MACCurvature(Curvature):
         state["curvature"] = self.name
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("curvature") != self.name:
-            raise ValueError(f"state is for curvature {state.get('curvature')!r}, this layer uses {self.name!r}")
-        device, dtype = self.mean_ema.device, self.mean_ema.dtype
+    def check_state(self, state: dict[str, Any], layer: str) -> None:
+        super().check_state(state, layer)
         if (state.get("value_ema") is None) != (self.value_ema is None):
-            raise ValueError("state is for a layer with" + (" no" if self.value_ema is not None else "") +
+            raise ValueError(f"Invalid state_dict: layer {layer!r} was saved with" +
+                             (" no" if self.value_ema is not None else "") +
                              " attention statistics; this layer differs (attention_layers must match)")
+        d = self.shape.d_in_bar
+        shapes = {"mean_ema": (d,), "mean": (d,), "sq_norm": (), "dense_inverse": (d, d), "value_ema": (d,),
+                  "value_mean": (d,), "value_sq_norm": ()}
+        for k in self._TENSORS:
+            self.check_tensor(layer, k, state.get(k), shapes[k], self.mean_ema.dtype)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state, "?")
+        device, dtype = self.mean_ema.device, self.mean_ema.dtype
         for k in self._TENSORS:
             value = state.get(k)  # the value_* entries are absent in states saved before attention support
             setattr(self, k, None if value is None else value.to(device=device, dtype=dtype, copy=True))

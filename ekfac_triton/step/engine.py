@@ -32,6 +32,7 @@ from ..eigen_engine import Decomposition, EigenEngine
 from ..layers import LayerAdapter, LayerBatch
 from . import maths
 from .execution import Eager
+from .transaction import Transaction
 
 
 @dataclass(eq=False)
@@ -55,6 +56,12 @@ class StepPlan:
     jobs: list[Any]
     scalars: list[float]
     finite: Tensor | None
+    #: the step's undo record, open until ``finish``
+    transaction: Transaction | None = None
+    #: whether ``check`` decides on the host (the compiled step's ordinary steps do not)
+    host_check: bool = True
+    #: set by ``finish`` once the step is counted
+    committed: bool = False
 
 
 class StepEngine:
@@ -97,6 +104,10 @@ class StepEngine:
         self._host_skipped_steps += 1
         self._arm_capture()
 
+    def discard_capture(self) -> None:
+        """Drop what was captured since the last step (a step that raised before it began)."""
+        self._arm_capture()
+
     def _arm_capture(self) -> None:
         """Capture inputs and output-gradients only before steps that update statistics."""
         enabled = self.statistics_due
@@ -117,71 +128,137 @@ class StepEngine:
     def advance(self, damping_of: Callable[[PreconditionedLayer], float], also_check: Sequence[Tensor] = (),
                 fused: Callable[[PreconditionedLayer], bool] | None = None) -> StepPlan | None:
         """Advance the statistics by one step and plan the directions; None when the step is
-        skipped. Layers for which ``fused`` says True (after their statistics and refresh) get
-        no direction job: the caller applies their curvature inside its own update.
+        skipped. The step stays open until :meth:`finish` (or :meth:`abort`): the caller runs
+        the directions, hands them to :meth:`check`, updates only if it returns True, then
+        finishes.
+        Layers for which ``fused`` says True (after their statistics and refresh) get no
+        direction job: the caller applies their curvature inside its own update.
 
-        Skip policy: if any gradient of a preconditioned layer, any tensor of ``also_check`` or
-        any captured statistic is not finite, nothing changes (factors, bases, scalings, step
-        count), a warning is issued and None is returned (the compiled step may instead mask the
-        updates on the device: :mod:`ekfac_triton.step.execution`).
+        Skip policy: if any gradient of a preconditioned layer, any tensor of ``also_check``, any
+        captured statistic, or anything the step produces (factors, scalings, eigenvalues,
+        directions) is not finite, nothing changes (factors, bases, scalings, counts), a warning
+        is issued and the step is skipped; one host sync decides it, at :meth:`check` (earlier
+        on steps that refresh or install a basis, which sync anyway). The compiled step may
+        instead mask the updates on the device (:mod:`ekfac_triton.step.execution`). Any
+        exception inside the step undoes it as well.
         """
+        tx = Transaction([layer.curvature for layer in self.layers], self.eigen, self.distribution)
+        try:
+            plan = self._advance(tx, damping_of, also_check, fused)
+        except BaseException:
+            self.abort(tx)
+            raise
+        if plan is None:
+            self.abort(tx, skipped=True)
+        return plan
+
+    def _advance(self, tx: Transaction, damping_of: Callable[[PreconditionedLayer], float],
+                 also_check: Sequence[Tensor], fused: Callable[[PreconditionedLayer], bool] | None) -> StepPlan | None:
         stats_step = self.statistics_due
         grads = {layer: layer.adapter.grad_matrix() for layer in self.layers if layer.adapter.has_grad()}
         batches = self._collect(grads) if stats_step else {}
         examples = [layer.adapter.num_examples(layer.capture.input_shape) if layer in grads else 0
                     for layer in self.layers]
-        finite, examples = self._check(grads, batches, also_check, examples)
-        if finite is None:
+        checked = self._check(tx, grads, batches, also_check, examples)
+        if checked is None:
             return None
+        finite, examples, early = checked
         mask = self.execution.finite_flag(finite) if isinstance(finite, Tensor) else None
-        if self._on_host:
-            self._install_finished()
+        if early:
+            self._install_finished(tx)
         weights = {layer: batches[layer].num_examples / examples[i] for i, layer in enumerate(self.layers)
                    if layer in batches}  # data-parallel: N_rank / N, the averaged EMA is that of all ranks
         decay = self.config.factor_decay
         scalars: list[float] = []
         jobs = [layer.curvature.statistics_job(batch, decay, scalars) for layer, batch in batches.items()]
-        self._run_jobs("factors", maths.update_factors, jobs, scalars, mask,
+        self._run_jobs(tx, "factors", maths.update_factors, jobs, scalars, mask,
                        [(weights[layer], layer.curvature.statistics()) for layer in batches])
-        self._refresh(grads)
+        if early and self._refreshing(grads) and not self._produced_finite(tx):
+            return None  # an overflowing statistic: caught before it reaches an eigendecomposition
+        self._refresh(tx, grads)
         scalars = []
         jobs = [layer.curvature.scaling_job(batch, decay, scalars) for layer, batch in batches.items()]
-        self._run_jobs("scalings", maths.update_scalings, jobs, scalars, mask,
+        self._run_jobs(tx, "scalings", maths.update_scalings, jobs, scalars, mask,
                        [(weights[layer], layer.curvature.refreshed_statistics()) for layer in batches])
         plan = self._plan_directions(grads, examples, damping_of, fused, mask)
-        self.steps += 1
-        self._arm_capture()
+        tx.before_update(t for job in plan.jobs if job is not None for t in _mutated(job))
+        plan.transaction = tx
+        plan.host_check = self.execution.checks_at_commit(self._special)
         return plan
+
+    def check(self, plan: StepPlan, directions: Sequence[Tensor] = ()) -> bool:
+        """Check the step of ``plan``: its inputs (if not checked yet), what it produced and
+        ``directions`` for finiteness (one host sync; none on the compiled step's ordinary steps);
+        if any is not, undo it (skipped, warned) and return False. The caller updates the
+        parameters only after True, then calls :meth:`finish`."""
+        tx = plan.transaction
+        if plan.host_check:
+            flag = maths.all_finite(tx.produced + [d for d in directions if d is not None], self.device)
+            for inputs_finite in tx.inputs:
+                flag = flag & inputs_finite
+            if not self.distribution.agree_flag(flag):
+                self.abort(tx, skipped=True)
+                return False
+        return True
+
+    def finish(self, plan: StepPlan) -> None:
+        """Count the step of ``plan``: it is committed."""
+        self.steps += 1
+        plan.committed = True
+        self._arm_capture()
+
+    def abort(self, tx: Transaction, skipped: bool = False) -> None:
+        """Undo an open step (``skipped``: count and warn about it as a non-finite skip)."""
+        tx.rollback()
+        if skipped:
+            self.skip_step()
+            warnings.warn("ekfac_triton: non-finite gradient, activation or statistic; step skipped, optimizer "
+                          "state unchanged", RuntimeWarning, stacklevel=4)
+        else:
+            self._arm_capture()
 
     def _collect(self, grads: dict[PreconditionedLayer, Tensor]) -> dict[PreconditionedLayer, LayerBatch]:
         """Phase 1: each layer's captured batch (:meth:`_batches`)."""
         return self._batches([layer for layer in self.layers if layer in grads])
 
-    def _check(self, grads: dict[PreconditionedLayer, Tensor], batches: dict[PreconditionedLayer, LayerBatch],
-               also_check: Sequence[Tensor], examples: list[int]) -> tuple[bool | Tensor | None, list[int]]:
-        """Phase 2: the non-finite check (None: the step is skipped, counted and warned)."""
+    def _check(self, tx: Transaction, grads: dict[PreconditionedLayer, Tensor],
+               batches: dict[PreconditionedLayer, LayerBatch], also_check: Sequence[Tensor],
+               examples: list[int]) -> tuple[bool | Tensor, list[int], bool] | None:
+        """Phase 2: the non-finite check of the inputs: ``(finite, examples, decided now)``, or
+        None when the step is skipped. Decided on the host now when data-parallel ranks must
+        agree, or on a step that refreshes or installs a basis (the compiled step: also a first
+        EMA update); otherwise the flag joins :meth:`check`."""
         checks = list(grads.values()) + [t for t in also_check if t is not None]
         checks += [t for b in batches.values() for t in (b.a, b.g, b.token_weights) if t is not None]
         agreement = self.distribution.agree(self.execution.all_finite(checks, self.device), examples)
         finite, examples = agreement.finite, agreement.examples
-        self._on_host = self.execution.decides_on_host(self._special_step(grads, batches))
-        if self._on_host and not bool(finite):
-            self.skip_step()
-            warnings.warn("ekfac_triton: non-finite gradient or activation; step skipped, optimizer state unchanged",
-                          RuntimeWarning, stacklevel=4)
-            return None, examples
-        return finite, examples
+        self._special = self._special_step(grads, batches)
+        early = not isinstance(finite, Tensor) or self.execution.checks_early(self._special)
+        if early and not bool(finite):
+            return None
+        if not early and isinstance(finite, Tensor):
+            tx.inputs.append(finite)
+        return finite, examples, early
+
+    def _produced_finite(self, tx: Transaction) -> bool:
+        """Whether what the step produced so far is finite (one host sync, agreed over ranks)."""
+        return self.distribution.agree_flag(maths.all_finite(tx.produced, self.device))
+
+    def _refreshing(self, grads: dict[PreconditionedLayer, Tensor]) -> bool:
+        return any(layer in grads and layer.curvature.has_statistics
+                   and layer.curvature.refresh_due(self.eigen, index, self.steps)
+                   for index, layer in enumerate(self.layers))
 
     def _special_step(self, grads: dict[PreconditionedLayer, Tensor],
                       batches: dict[PreconditionedLayer, LayerBatch]) -> bool:
         """Whether this step refreshes a basis, has a finished asynchronous one to install, or
         makes a layer's first factor or scaling update since the start or a refresh (that EMA
         update replaces the state: a device-side skip would still count it, and the next update
-        would then mix the replaced state in with weight β instead of 0). The compiled step
-        decides a non-finite skip on the host on such steps."""
-        if not self.execution.compiled:
+        would then mix the replaced state in with weight β instead of 0; the compiled step only).
+        The input check is decided on the host on such steps."""
+        if self.eigen.ready():
             return True
-        if self.eigen.ready() or any(layer.curvature.first_update_due() for layer in batches):
+        if self.execution.compiled and any(layer.curvature.first_update_due() for layer in batches):
             return True
         return any(self._refresh_due(index, layer, grads, batches) for index, layer in enumerate(self.layers))
 
@@ -190,27 +267,30 @@ class StepEngine:
         return (layer in grads and (curv.has_statistics or layer in batches)
                 and curv.refresh_due(self.eigen, index, self.steps))
 
-    def _install_finished(self) -> None:
+    def _install_finished(self, tx: Transaction) -> None:
         """Phase 3: the bases the asynchronous worker has finished (data-parallel: those submitted
         on the last step, broadcast by their owners)."""
         for index, result in self.distribution.finished(self.eigen, self._factors_of).items():
-            self._install(self.layers[index], result)
+            self._install(tx, self.layers[index], result)
 
     def _factors_of(self, index: int) -> tuple[Tensor, Tensor]:
         curv = self.layers[index].curvature
         return curv.in_factor, curv.out_factor
 
-    def _run_jobs(self, name: str, fn: Callable[..., None], jobs: list[Any], scalars: list[float],
+    def _run_jobs(self, tx: Transaction, name: str, fn: Callable[..., None], jobs: list[Any], scalars: list[float],
                   mask: Tensor | None, averaged: list[tuple[float, tuple[Tensor, ...]]]) -> None:
         """Phases 4 and 6: run one phase's jobs in one call (one compiled graph), then average
         what they updated over the ranks (``averaged``: ``(weight, tensors)`` per layer)."""
         jobs = [job for job in jobs if job is not None]
+        mutated = [t for job in jobs for t in _mutated(job)]
+        tx.before_update(mutated)
+        tx.produced += mutated
         if jobs:
             self.execution.mark_static(*[t for job in jobs for t in state_tensors(job)])
             self.execution.run(fn, jobs, self.execution.scalars(name, scalars), mask, self.backend)
         self.distribution.average([t for _, ts in averaged for t in ts], [w for w, ts in averaged for _ in ts])
 
-    def _refresh(self, grads: dict[PreconditionedLayer, Tensor]) -> None:
+    def _refresh(self, tx: Transaction, grads: dict[PreconditionedLayer, Tensor]) -> None:
         """Phase 5: refresh what is due on this step (a layer's first eigenbasis always
         synchronously); the distribution strategy runs the requested decompositions."""
         requests = []
@@ -221,7 +301,7 @@ class StepEngine:
                 if request is not None:
                     requests.append(request)
         for index, result in self.distribution.refresh(requests, self.eigen).items():
-            self._install(self.layers[index], result)
+            self._install(tx, self.layers[index], result)
 
     def _plan_directions(self, grads: dict[PreconditionedLayer, Tensor], examples: list[int],
                          damping_of: Callable[[PreconditionedLayer], float],
@@ -244,7 +324,10 @@ class StepEngine:
             jobs.append(job)
         return StepPlan(layers, jobs, scalars, mask)
 
-    def _install(self, layer: PreconditionedLayer, result: Decomposition) -> None:
+    def _install(self, tx: Transaction, layer: PreconditionedLayer, result: Decomposition) -> None:
+        tx.before_update(layer.curvature.installs_in_place())
+        tx.produced += [t for e in (result.new_in, result.new_out) if e is not None
+                        for t in (e.values, e.vectors) if t is not None]
         note = layer.curvature.install(result)
         if note:
             self._warn(layer, note)
@@ -279,6 +362,7 @@ class StepEngine:
             if not empirical:
                 batches[layer] = self._curvature_batch(layer)
                 continue
+            cap.check_unchanged(layer.name)
             grad_output = None if layer.curvature.inputs_only else cap.grad_output
             if unscale is not None and grad_output is not None:
                 # in float32 at least: fp16 would overflow (times N) or underflow
@@ -310,3 +394,9 @@ def state_tensors(job: Any) -> list[Tensor]:
     batch_fields = {"a", "g", "grad", "token_weights"}
     return [getattr(job, name) for name in job._fields
             if name not in batch_fields and isinstance(getattr(job, name), Tensor)]
+
+
+def _mutated(job: Any) -> tuple[Tensor, ...]:
+    """The tensors a job updates in place (its ``mutated()``; none if it has no such method)."""
+    mutated = getattr(job, "mutated", None)
+    return () if mutated is None else tuple(t for t in mutated() if t is not None)

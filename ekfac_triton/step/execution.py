@@ -24,6 +24,7 @@ they differ in three things only:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,6 +49,11 @@ def compile_options(compile_step: object) -> dict[str, Any] | None:
     if compile_step is True:
         return {"fullgraph": True}
     if isinstance(compile_step, dict) and all(isinstance(k, str) for k in compile_step):
+        known = set(inspect.signature(torch.compile).parameters) - {"model"}
+        unknown = sorted(set(compile_step) - known)
+        if unknown:
+            raise ValueError(f"Invalid compile_step={compile_step!r}: {unknown} are not torch.compile arguments "
+                             f"(those are {sorted(known)})")
         return {"fullgraph": True, **compile_step}
     raise ValueError(f"Invalid compile_step={compile_step!r}: must be a bool or a dict of torch.compile arguments")
 
@@ -71,11 +77,29 @@ class Eager:
         """The flag the state updates are masked with (None: unmasked, decided on the host)."""
         return None
 
-    def decides_on_host(self, special_step: bool) -> bool:
+    def checks_early(self, special_step: bool) -> bool:
+        """Whether the input check is decided on the host before the statistics phases (else
+        at the step's commit). A special step refreshes or installs a basis, or (compiled)
+        makes a first EMA update."""
+        return special_step
+
+    def checks_at_commit(self, special_step: bool) -> bool:
+        """Whether the step's commit checks inputs and produced values on the host."""
         return True
 
     def mark_static(self, *tensors: Tensor | None) -> None:
         pass
+
+    def apply_update(self, engine: Any, plan: Any, jobs: list[Any], layouts: tuple[Any, ...], groups: list[Any],
+                     kl_clip: float | None, lr_at: tuple[int, ...], decoupled: bool) -> bool:
+        """The directions and update phases of an optimizer step: the directions, the step's
+        check (:meth:`~ekfac_triton.step.engine.StepEngine.check`: nothing is updated unless it
+        passes), then the parameters. Returns whether the step passed."""
+        dirs, scale = maths.directions(jobs, plan.scalars, None, engine.backend, kl_clip, lr_at)
+        if not engine.check(plan, dirs):
+            return False
+        maths.update_parameters(dirs, scale, layouts, groups, plan.scalars, None, None, decoupled, engine.backend)
+        return True
 
     def device_skips(self) -> int:
         return 0
@@ -145,7 +169,7 @@ class Compiled(Eager):
     def finite_flag(self, finite: Tensor) -> Tensor:
         return finite
 
-    def decides_on_host(self, special_step: bool) -> bool:
+    def checks_at_commit(self, special_step: bool) -> bool:
         return special_step
 
     def mark_static(self, *tensors: Tensor | None) -> None:
@@ -154,6 +178,17 @@ class Compiled(Eager):
             for t in tensors:
                 if t is not None:
                     torch._dynamo.mark_static_address(t)
+
+    def apply_update(self, engine: Any, plan: Any, jobs: list[Any], layouts: tuple[Any, ...], groups: list[Any],
+                     kl_clip: float | None, lr_at: tuple[int, ...], decoupled: bool) -> bool:
+        """The check first (on the host only on special steps), then directions and update in
+        one graph, masked by the inputs' and the directions' finiteness."""
+        if not engine.check(plan):
+            return False
+        self.mark_static(*[t for g in groups for t in (*g.params, *g.buffers) if t is not None])
+        self.run(maths.precondition_and_update, jobs, layouts, groups, self.scalars("update", plan.scalars),
+                 plan.finite, self._skips, kl_clip, lr_at, decoupled, engine.backend)
+        return True
 
     def device_skips(self) -> int:
         """Steps skipped on the device so far (reads the counter: one host sync)."""

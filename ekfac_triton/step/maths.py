@@ -28,8 +28,11 @@ from ..layers.base import MatrixLayout
 Scalars = Any
 
 
-def all_finite(tensors: list[Tensor]) -> Tensor:
-    """A 0-dim bool tensor: whether every element of every tensor is finite."""
+def all_finite(tensors: list[Tensor], device: torch.device | None = None) -> Tensor:
+    """A 0-dim bool tensor: whether every element of every tensor is finite (True for none:
+    then on ``device``)."""
+    if not tensors:
+        return torch.ones((), dtype=torch.bool, device=device)
     return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
@@ -88,16 +91,13 @@ class GroupUpdate(NamedTuple):
     weight_decay: float
 
 
-def precondition_and_update(jobs: list[Any], layouts: tuple[MatrixLayout, ...], groups: list[GroupUpdate],
-                            scalars: Scalars, finite: Tensor | None, skips: Tensor | None, kl_clip: float | None,
-                            lr_at: tuple[int, ...], decoupled: bool, backend: str) -> None:
-    """The directions and update phases of an optimizer step: every layer's direction, the KL
-    clip, then per group weight decay, momentum and ``p -= lr·m`` (George et al. 2018, Alg. 1).
-
-    ``layouts[j]``: where job j's parameters sit in its direction matrix. ``skips``
-    (compiled step): a device counter of the steps ``finite`` skipped.
-    """
-    dirs, scale = directions(jobs, scalars, finite, backend, kl_clip, lr_at)
+def update_parameters(directions: list[Tensor], scale: Tensor | None, layouts: tuple[MatrixLayout, ...],
+                      groups: list[GroupUpdate], scalars: Scalars, finite: Tensor | None, skips: Tensor | None,
+                      decoupled: bool, backend: str) -> None:
+    """The update phase: per group weight decay, momentum and ``p -= lr·m`` along each layer's
+    direction (``layouts[j]``: where job j's parameters sit in its direction matrix) or, where a
+    parameter has no layer, its gradient. ``skips`` (compiled step): a device counter of the
+    steps ``finite`` skipped."""
     for group in groups:
         updates, scales = [], []
         for grad, (j, part) in zip(group.grads, group.parts):
@@ -105,10 +105,21 @@ def precondition_and_update(jobs: list[Any], layouts: tuple[MatrixLayout, ...], 
                 updates.append(grad)
                 scales.append(None)
             else:
-                updates.append(layouts[j].part(dirs[j], part))
+                updates.append(layouts[j].part(directions[j], part))
                 scales.append(scale)
         ops.moment_update(group.params, updates, group.buffers, lr=scalars[group.lr_at], momentum=group.momentum,
                           weight_decay=group.weight_decay, scales=scales, decoupled=decoupled, finite=finite,
                           backend=backend)
     if skips is not None and finite is not None:
         skips.add_((~finite).to(skips.dtype))
+
+
+def precondition_and_update(jobs: list[Any], layouts: tuple[MatrixLayout, ...], groups: list[GroupUpdate],
+                            scalars: Scalars, finite: Tensor, skips: Tensor, kl_clip: float | None,
+                            lr_at: tuple[int, ...], decoupled: bool, backend: str) -> None:
+    """:func:`directions` then :func:`update_parameters` in one graph (the compiled step), the
+    update masked by ``finite`` and by the directions' own finiteness."""
+    dirs, scale = directions(jobs, scalars, finite, backend, kl_clip, lr_at)
+    if dirs:
+        finite = finite & all_finite(dirs)
+    update_parameters(dirs, scale, layouts, groups, scalars, finite, skips, decoupled, backend)

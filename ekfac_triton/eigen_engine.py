@@ -29,6 +29,7 @@ import heapq
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -98,16 +99,38 @@ class EigenEngine:
         self.decompositions = 0  # count of layer refreshes computed (sync or async), for tests
 
     # -- state ------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, list[int]]:
-        """The per-layer refresh counts (they decide which refreshes are warm starts)."""
-        return {"refreshes": list(self._refreshes)}
+    def state_dict(self, pending: bool = True) -> dict[str, Any]:
+        """The per-layer refresh counts (they decide which refreshes are warm starts) and, with
+        ``pending``, the asynchronous refreshes in flight: waited for and saved with their
+        results, so that both this run and one resumed from the state install them at the next
+        step."""
+        saved: dict[int, Any] = {}
+        if pending:
+            self.wait()
+        for index, future in self._pending.items() if pending else ():
+            try:
+                result = future.result()[0]
+            except Exception:  # a failed worker: collected (and warned about) at the next step
+                continue
+            saved[index] = {"new_in": None if result.new_in is None else (result.new_in.values, result.new_in.vectors),
+                            "new_out": None if result.new_out is None else (result.new_out.values,
+                                                                             result.new_out.vectors),
+                            "note": result.note}
+        return {"refreshes": list(self._refreshes), "pending": saved}
 
-    def load_state_dict(self, state: dict[str, list[int]]) -> None:
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
         refreshes = state["refreshes"]
         if len(refreshes) != len(self._refreshes):
             raise ValueError(f"Invalid state_dict: eigen refresh counts for {len(refreshes)} layers, this engine has "
                              f"{len(self._refreshes)}")
+        self.cancel()
         self._refreshes = [int(r) for r in refreshes]
+        for index, saved in state.get("pending", {}).items():
+            sides = [None if side is None else Eigh(*(None if t is None else t.to(device) for t in side))
+                     for side in (saved["new_in"], saved["new_out"])]
+            future: Future = Future()
+            future.set_result((Decomposition(sides[0], sides[1], saved["note"]), None))
+            self._pending[int(index)] = future
 
     def snapshot(self) -> tuple[list[int], int, set[int]]:
         """What a step may change here (for :class:`~ekfac_triton.step.transaction.Transaction`)."""
@@ -191,7 +214,11 @@ class EigenEngine:
             if not future.done():
                 continue
             del self._pending[index]
-            result, done = future.result()
+            try:
+                result, done = future.result()
+            except Exception as err:  # the worker failed: as a failed decomposition, the basis is kept
+                finished[index] = Decomposition(None, None, f"the eigendecomposition worker failed ({err!r})")
+                continue
             if done is not None:
                 main = torch.cuda.current_stream()
                 main.wait_event(done)

@@ -232,15 +232,17 @@ class Preconditioner(StepEngine):
 
     # -- serialisation ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Step counts and every layer's curvature state (references, as torch optimizers do).
-        Asynchronous refreshes still in flight are not part of it."""
+        """Step counts and every layer's curvature state (references, as torch optimizers do),
+        and the eigen engine's: asynchronous refreshes in flight are waited for and saved with
+        their results (data-parallel ones are not: they are dropped on load)."""
         return {
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
             "layers": [{"name": layer.name, **layer.curvature.state_dict()} for layer in self.layers],
             "fisher": self.fisher,
             "generator": self.generator.get_state(),
-            "eigen": self.eigen.state_dict(),
+            # data-parallel refreshes in flight live on their owner rank only: not saved
+            "eigen": self.eigen.state_dict(pending=self.distributed is None),
         }
 
     def check_state_dict(self, state: dict[str, Any]) -> None:
@@ -273,8 +275,8 @@ class Preconditioner(StepEngine):
         self._host_skipped_steps = int(state["skipped_steps"])
         if "generator" in state:  # resume draws the same MC targets
             self.generator.set_state(state["generator"])
-        if "eigen" in state:  # which refreshes are warm starts (saved since the step redesign)
-            self.eigen.load_state_dict(state["eigen"])
+        if "eigen" in state:  # warm-start counts and refreshes in flight (saved since the step redesign)
+            self.eigen.load_state_dict(state["eigen"], self.device)
         self.execution.reset_device_skips()  # the loaded count includes the device-counted skips
         self._arm_capture()
 

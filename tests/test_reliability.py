@@ -249,3 +249,45 @@ def test_truncated_checkpoint_is_a_clear_error_and_loads_nothing(tmp_path):
 def test_bad_arguments_are_named(kwargs, name):
     with pytest.raises(ValueError, match=name):
         EKFAC(mlp(), **kwargs)
+
+
+# -- 3 (continued) and 5: asynchronous refreshes ---------------------------------------------------------
+def test_resume_with_an_asynchronous_refresh_in_flight_is_exact():
+    """synchronous=False: a refresh submitted before the save is waited for and saved with its
+    result; the run that saved (and goes on) and the one resumed from the save install it at the
+    same step. (Without a save the install step depends on the worker's timing.)"""
+    settings = dict(lr=0.1, eigen_every=3, synchronous=False, stagger=False)
+    model_a, model_b = mlp(), mlp()
+    opt_a, opt_b = EKFAC(model_a, **settings), EKFAC(model_b, **settings)
+    train(model_a, opt_a, range(4))  # step 3 submitted the refreshes
+    train(model_b, opt_b, range(4))
+    saved = copy.deepcopy((model_b.state_dict(), opt_b.state_dict()))
+    assert saved[1]["preconditioner"]["eigen"]["pending"], "the test needs a refresh in flight at the save"
+    opt_a.state_dict()  # run a takes the same checkpoint and goes on
+    installed = opt_a.preconditioner.eigen.decompositions
+    train(model_a, opt_a, range(4, 6))  # up to the next refresh (step 6), whose install is timing's
+    assert not torch.equal(opt_a.preconditioner.layers[0].curvature.q_out, saved[1]["preconditioner"]["layers"][0]["q_out"])
+    model_c = mlp(seed=5)
+    opt_c = EKFAC(model_c, **settings)
+    model_c.load_state_dict(saved[0])
+    opt_c.load_state_dict(saved[1])
+    train(model_c, opt_c, range(4, 6))
+    assert same(snapshot(model_c, opt_c), snapshot(model_a, opt_a))
+    assert installed == opt_a.preconditioner.eigen.decompositions
+
+
+def test_failed_eigendecomposition_worker_keeps_the_basis(monkeypatch):
+    model = mlp()
+    opt = EKFAC(model, lr=0.1, eigen_every=2, synchronous=False, stagger=False)
+    train(model, opt, range(2))
+    engine = opt.preconditioner.eigen
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("worker crashed")
+
+    monkeypatch.setattr(engine, "_work", broken)
+    bases = [layer.curvature.q_out.clone() for layer in opt.preconditioner.layers]
+    with pytest.warns(RuntimeWarning, match="worker failed"):
+        train(model, opt, range(2, 6))
+    assert all(torch.equal(b, layer.curvature.q_out) for b, layer in zip(bases, opt.preconditioner.layers))
+    assert opt.preconditioner.steps == 6

@@ -122,7 +122,7 @@ def test_fhat_matches_curvlinops(kind: str, loss: str, curvature: str) -> None:
         # curvlinops' convention (KFACLinearOperator._maybe_adjust_loss_scale): MSELoss(mean) also
         # averages over the C outputs, and curvlinops multiplies that loss by sqrt(C) before
         # backpropagating, so its empirical Fisher is C times E_n[∇ℓ_n ∇ℓ_nᵀ] for ℓ_n = ‖f_n-y_n‖²/C,
-        # the Fisher of L = mean_n ℓ_n that DESIGN §1 (and tests/oracle.py) define. A scalar leaves
+        # the Fisher of L = mean_n ℓ_n that DESIGN §1 (and tests/curvature/oracle.py) define. A scalar leaves
         # the K-FAC/EKFAC eigenbasis unchanged, so dividing by C compares the same object.
         reference = reference / Y.shape[-1]
 

@@ -27,10 +27,7 @@ from torch.func import hessian
 
 from ekfac_triton import EKFAC, Preconditioner
 
-try:  # tests/ as a package or as a rootdir on sys.path
-    from .oracle import LayerOracle, kron_basis_matrix, layer_oracles, unvec, vec
-except ImportError:  # pragma: no cover
-    from oracle import LayerOracle, kron_basis_matrix, layer_oracles, unvec, vec
+from tests.curvature.oracle import LayerOracle, kron_basis_matrix, layer_oracles, unvec, vec
 
 DTYPE = torch.float64
 LR = 0.3
@@ -201,7 +198,7 @@ class GaussNewtonOracle(LayerOracle):
 def gauss_newton_oracles(model: nn.Module, X: Tensor, Y: Tensor, loss_fn: nn.Module) -> list[GaussNewtonOracle]:
     """From the definition: H_n = ∇²_f ℓ_n (torch.func.hessian, ℓ_n the loss of example n alone),
     factored as V diag(√w) (its own eigendecomposition); column k of the factor backpropagated as
-    the gradient of the linear loss ``s_kᵀ f`` (tests/oracle.py's probes); D columns of M = D
+    the gradient of the linear loss ``s_kᵀ f`` (tests/curvature/oracle.py's probes); D columns of M = D
     weighted by √D, so that the oracle's mean over its N·D "examples" is Σ_k over columns."""
     with torch.no_grad():
         out = model(X)

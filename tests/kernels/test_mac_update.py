@@ -1,8 +1,8 @@
 """MAC's fused update kernel (kernels/mac_update.py) against its torch reference.
 
-As in test_kernels_triton.py: the ``interpret`` tests run in a subprocess with
+As in test_triton.py: the ``interpret`` tests run in a subprocess with
 ``TRITON_INTERPRET=1`` (started by :func:`test_mac_interpreter_suite`) at small odd shapes, and
-the ``cuda`` tests at real sizes on a GPU: ``pytest -q tests/test_mac_kernel.py -m cuda``.
+the ``cuda`` tests at real sizes on a GPU: ``pytest -q tests/kernels/test_mac_update.py -m cuda``.
 """
 
 from __future__ import annotations
@@ -16,10 +16,7 @@ from torch import nn
 
 from ekfac_triton.kernels import mac_update, mac_update_reference
 
-try:
-    from .test_kernels_triton import assert_close
-except ImportError:  # pragma: no cover
-    from test_kernels_triton import assert_close
+from tests.kernels.test_triton import assert_close
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAS_CUDA = torch.cuda.is_available() and not INTERPRET

@@ -22,10 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ekfac_triton import EKFAC, MAC, Preconditioner
 
-try:
-    from .test_exactness import assert_rel_close
-except ImportError:  # pragma: no cover
-    from test_exactness import assert_rel_close
+from tests.curvature.test_exactness import assert_rel_close
 
 DTYPE = torch.float64
 TOL = 1e-10

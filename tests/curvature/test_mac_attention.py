@@ -23,12 +23,8 @@ from torch import Tensor, nn
 from ekfac_triton import MAC, AttentionSpec
 from ekfac_triton.layers import attention as attention_module
 
-try:
-    from .test_exactness import assert_rel_close
-    from .test_mac import EXACT_ONE, SEVERAL, loss_fn, train_in_lockstep
-except ImportError:  # pragma: no cover
-    from test_exactness import assert_rel_close
-    from test_mac import EXACT_ONE, SEVERAL, loss_fn, train_in_lockstep
+from tests.curvature.test_exactness import assert_rel_close
+from tests.curvature.test_mac import EXACT_ONE, SEVERAL, loss_fn, train_in_lockstep
 
 DTYPE = torch.float64
 TOL = 1e-10

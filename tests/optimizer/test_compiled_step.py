@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 
 from ekfac_triton import EKFAC
 
-from test_compile import MODELS, data, loss_fn
+from tests.optimizer.test_compiled_model import MODELS, data, loss_fn
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

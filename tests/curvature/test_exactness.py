@@ -1,4 +1,4 @@
-"""Exactness of the optimizer's maths against the independent float64 oracle (tests/oracle.py).
+"""Exactness of the optimizer's maths against the independent float64 oracle (tests/curvature/oracle.py).
 
 DESIGN §2: with ``momentum=0, weight_decay=0, factor_decay=0, eigen_every=1`` one ``step()``
 changes each preconditioned layer by exactly ``-lr·(F̂ + λI)⁻¹ ∇L`` (K-FAC, EKFAC, TEKFAC) and
@@ -18,10 +18,7 @@ from torch import Tensor, nn
 
 from ekfac_triton import EKFAC
 
-try:  # tests/ as a package or as a rootdir on sys.path
-    from .oracle import LayerOracle, kron_basis_matrix, layer_oracles
-except ImportError:  # pragma: no cover
-    from oracle import LayerOracle, kron_basis_matrix, layer_oracles
+from tests.curvature.oracle import LayerOracle, kron_basis_matrix, layer_oracles
 
 DTYPE = torch.float64
 LR = 0.3

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:          # bench/ lives beside the package, not inside it
     sys.path.insert(0, str(ROOT))
 

@@ -20,15 +20,15 @@ if str(ROOT) not in sys.path:          # bench/ lives beside the package, not in
 
 from bench.memory import PeakMemory, state_bytes, tensor_bytes  # noqa: E402
 from ekfac_triton import EKFAC  # noqa: E402
+from tests.helpers import make_mlp  # noqa: E402
 
 F32 = 4
 BOOKKEEPING_PER_LAYER = 64  # bytes a layer may hold beyond the maths (counters): far below any factor
 
 
 def _mlp() -> nn.Sequential:
-    torch.manual_seed(0)
     # odd sizes, a layer with and one without bias
-    return nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3, bias=False), nn.Tanh(), nn.Linear(3, 4))
+    return make_mlp([7, 5, 3, 4], bias=[True, False, True], seed=0, dtype=None)
 
 
 def _linear_shapes(model: nn.Module) -> list[tuple[int, int]]:

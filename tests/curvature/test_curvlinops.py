@@ -15,59 +15,35 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 curvlinops = pytest.importorskip("curvlinops")
 from curvlinops import EKFACLinearOperator, KFACLinearOperator  # noqa: E402
 
 from ekfac_triton import EKFAC  # noqa: E402
+from tests.helpers import (assert_rel_close, curvlinops_dense, layer_indices, library_fhat, make_mlp,  # noqa: E402
+                           pooled_sequence_net, preconditioned, strided_cnn)
 
 DTYPE = torch.float64
 TOL = 1e-8
 
 
-class TokenMean(nn.Module):
-    """Mean over the token dimension: (B, T, d) -> (B, d)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.mean(dim=1)
-
-
-def assert_rel_close(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
-    """‖actual - expected‖_F ≤ tol·‖expected‖_F, reporting the relative error and the location of
-    the largest entrywise mismatch on failure."""
-    __tracebackhide__ = True  # report the message, not the tensors
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    diff = actual - expected
-    rel = (diff.norm() / expected.norm().clamp_min(torch.finfo(DTYPE).tiny)).item()
-    if not rel <= tol:
-        flat = int(diff.abs().argmax())
-        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
-        raise AssertionError(f"{what}: relative error {rel:.3e} > {tol:.1e}; largest mismatch at {idx}: "
-                             f"actual {actual[idx].item():.6e}, expected {expected[idx].item():.6e}")
-
-
-def mlp(g: torch.Generator):
-    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6, bias=False), nn.Tanh(), nn.Linear(6, 4))
+# (model, X, C): the models use the global RNG as problem() seeds it; X is drawn from g after them
+def mlp_net(g: torch.Generator):
+    model = make_mlp([5, 7, 6, 4], bias=[True, False, True], seed=None, dtype=None)
     return model, torch.randn(24, 5, generator=g, dtype=DTYPE), 4
 
 
 def sequence(g: torch.Generator):
     """Linear layers on (B, T, d) (R = T positions each), mean over tokens, a final Linear."""
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5, bias=False), nn.Tanh(), TokenMean(),
-                          nn.Linear(5, 3))
-    return model, torch.randn(10, 6, 4, generator=g, dtype=DTYPE), 3
+    return pooled_sequence_net(), torch.randn(10, 6, 4, generator=g, dtype=DTYPE), 3
 
 
 def cnn(g: torch.Generator):
-    model = nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(),
-        nn.Conv2d(3, 4, (2, 3), stride=2, padding=(1, 0), dilation=(1, 2), bias=False), nn.Tanh(),
-        nn.Flatten(), nn.Linear(32, 5))
-    return model, torch.randn(32, 2, 6, 7, generator=g, dtype=DTYPE), 5
+    return strided_cnn(5), torch.randn(32, 2, 6, 7, generator=g, dtype=DTYPE), 5
 
 
-MODELS = {"mlp": mlp, "sequence": sequence, "cnn": cnn}
+MODELS = {"mlp": mlp_net, "sequence": sequence, "cnn": cnn}
 
 
 def problem(kind: str, loss: str, seed: int = 0):
@@ -80,44 +56,13 @@ def problem(kind: str, loss: str, seed: int = 0):
     return model, X, torch.randn(X.shape[0], c, generator=g, dtype=DTYPE), nn.MSELoss()
 
 
-def curvlinops_dense(cls, model: nn.Module, loss_fn: nn.Module, X: Tensor, Y: Tensor) -> Tensor:
-    params = [p for p in model.parameters() if p.requires_grad]
-    op = cls(model, loss_fn, params, [(X, Y)], fisher_type="empirical", kfac_approx="expand",
-             separate_weight_and_bias=False, check_deterministic=False)
-    dim = sum(p.numel() for p in params)
-    return op @ torch.eye(dim, dtype=DTYPE)
-
-
-def layer_indices(model: nn.Module, module: nn.Module) -> Tensor:
-    """Rows of curvlinops' matrix, in the library's order: entry ``j·d_out + i`` (column-major
-    vec of ``[W | b]``) maps to W[i, j]'s row-major position (j < d_in) or to b[i]."""
-    offsets, start = {}, 0
-    for p in model.parameters():
-        offsets[p] = start
-        start += p.numel()
-    d_out = module.weight.shape[0]
-    d_in = module.weight[0].numel()
-    idx = []
-    for j in range(d_in + int(module.bias is not None)):
-        for i in range(d_out):
-            idx.append(offsets[module.weight] + i * d_in + j if j < d_in else offsets[module.bias] + i)
-    return torch.tensor(idx)
-
-
-def library_fhat(curv, curvature: str) -> Tensor:
-    if curvature == "kfac":
-        return torch.kron(curv.in_factor, curv.out_factor)
-    q = torch.kron(curv.q_in, curv.q_out)
-    return (q * curv.scaling.T.reshape(-1)) @ q.T
-
-
 @pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
 @pytest.mark.parametrize("kind,loss", [("mlp", "ce"), ("mlp", "mse"), ("sequence", "ce"), ("sequence", "mse"),
                                        ("cnn", "ce")])
 def test_fhat_matches_curvlinops(kind: str, loss: str, curvature: str) -> None:
     model, X, Y, loss_fn = problem(kind, loss, seed=3)
     cls = KFACLinearOperator if curvature == "kfac" else EKFACLinearOperator
-    reference = curvlinops_dense(cls, model, loss_fn, X, Y)
+    reference = curvlinops_dense(cls, model, loss_fn, X, Y, fisher_type="empirical")
     if isinstance(loss_fn, nn.MSELoss):
         # curvlinops' convention (KFACLinearOperator._maybe_adjust_loss_scale): MSELoss(mean) also
         # averages over the C outputs, and curvlinops multiplies that loss by sqrt(C) before
@@ -133,7 +78,7 @@ def test_fhat_matches_curvlinops(kind: str, loss: str, curvature: str) -> None:
 
     # the whole block-diagonal, assembled in curvlinops' order
     full = torch.zeros_like(reference)
-    modules = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    modules = preconditioned(model)
     assert len(modules) == len(opt.preconditioner.layers)
     for module, layer in zip(modules, opt.preconditioner.layers):
         assert layer.adapter.module is module

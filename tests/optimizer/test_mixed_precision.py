@@ -11,17 +11,15 @@ import torch
 from torch import Tensor, nn
 
 from ekfac_triton import EKFAC, Preconditioner
+from tests.helpers import make_mlp, seeded_batch
 
 
 def mlp(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 3)).to(dtype)
+    return make_mlp([6, 16, 12, 3], seed=seed, dtype=dtype)
 
 
 def batch(n: int, seed: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(200 + seed)
-    return (torch.randn(n, 6, generator=g, dtype=torch.float64).to(dtype),
-            torch.randn(n, 3, generator=g, dtype=torch.float64).to(dtype))
+    return seeded_batch(n, (6,), 3, 200 + seed, dtype)
 
 
 def mse(out: Tensor, y: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ CONFIGS = ["sgd", "adamw", "ekfac-e10-stagger", "ekfac-e10-all-at-once", "ekfac-
            "ekfac-e100-all-at-once", "ekfac-no-refresh", "kfac-e10-stagger", "mac-s5-e50"]
 
 
+@pytest.mark.slow
 def test_step_time_quick_smoke(tmp_path: Path) -> None:
     pytest.importorskip("tqdm")
     # One thread: LAPACK/OpenMP spin-waiting makes a small eigh ~100x slower on a busy 2-core machine.

@@ -378,6 +378,7 @@ def test_empirical_backward_equals_plain_loop() -> None:
         assert torch.equal(p, q)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fisher", ["type-2", "mc"])
 def test_compiled_statistics_equal_eager(fisher: str) -> None:
     torch._dynamo.reset()

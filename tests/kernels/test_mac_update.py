@@ -22,7 +22,7 @@ BF16 = (torch.bfloat16, 2e-2, 2e-2)
 
 
 @pytest.mark.skipif(INTERPRET, reason="already interpreting")
-def test_mac_interpreter_suite(interpreter_suite):
+def test_mac_interpreter_suite(interpreter_suite):  # not slow: the fast subset's run of a kernel interpreted
     """Run this file's ``interpret`` tests in a subprocess with ``TRITON_INTERPRET=1``."""
     interpreter_suite(__file__)
 

@@ -45,6 +45,7 @@ def _orthogonal(n: int, device: str = DEVICE) -> torch.Tensor:
 
 # -- the interpreter suite, from the normal test run ------------------------------------------------
 @pytest.mark.skipif(INTERPRET, reason="already interpreting")
+@pytest.mark.slow
 def test_interpreter_suite(interpreter_suite):
     """Run this file's ``interpret`` tests in a subprocess with ``TRITON_INTERPRET=1``."""
     interpreter_suite(__file__)

@@ -66,6 +66,7 @@ def test_explain_reports_no_graph_break(kind):
 
 
 @pytest.mark.parametrize("kind", sorted(COMPILE_MODELS))
+@pytest.mark.slow
 def test_compiled_capture_gives_the_eager_statistics(kind):
     """fullgraph=True (a graph break would raise), float64: statistics, bases and parameters of
     a compiled model agree with eager ones after several steps, including refresh steps."""
@@ -94,6 +95,7 @@ def test_captured_tensors_equal_eager_ones():
         torch.testing.assert_close(g_c, g_e, atol=1e-14, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_changing_batch_size_recompiles_at_most_once():
     """No preallocated buffers: a new batch size costs dynamo's one dynamic-shape recompile, no more."""
     sizes = (32, 20, 41, 32, 24, 37)  # >= d̄ of every factor: full rank, a unique basis
@@ -160,6 +162,7 @@ def test_compiled_no_grad_forward_is_ignored_and_hooks_removable():
 # compiled vs eager training (issue 7, item 5): losses over 20 steps, float32
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", sorted(COMPILE_MODELS))
+@pytest.mark.slow
 def test_compiled_training_matches_eager_losses(kind):
     losses_e, _, _ = train(kind, compiled=False, steps=20, dtype=torch.float32, same_batch=True)
     losses_c, _, _ = train(kind, compiled=True, steps=20, dtype=torch.float32, same_batch=True)

@@ -67,6 +67,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.slow
 def test_compiled_step_follows_the_eager_trajectory_float64(case):
     """20 steps (with refreshes every 3): parameters, factors, bases, scalings and momentum of
     the compiled step equal the eager ones to rounding (inductor may fuse multiply-adds)."""
@@ -76,6 +77,7 @@ def test_compiled_step_follows_the_eager_trajectory_float64(case):
     assert_same_run(compiled, eager, atol=1e-11, rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_compiled_step_follows_the_eager_trajectory_float32():
     """float32: parameters and factors after one step agree to a few ulps; over 20 steps the float32 eigendecompositions
     amplify rounding differences (float64 above shows the maths is the same) to ~1e-4."""
@@ -88,6 +90,7 @@ def test_compiled_step_follows_the_eager_trajectory_float32():
     assert_same_run(compiled, eager, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_graphs_are_bounded_over_50_steps_with_refreshes():
     """eigen_every=5, factor_every=2: 50 steps with 10 refresh rounds and 25 statistics steps
     compile 5 graphs in all (the finite check of statistics and of other steps, factors,
@@ -127,6 +130,7 @@ def test_triton_ops_are_single_nodes_of_the_compiled_graphs():
     assert targets.count("ekfac_triton.precondition") == n
 
 
+@pytest.mark.slow
 def test_plain_torch_compile_of_step_matches_eager():
     """``torch.compile(opt.step)`` (graph breaks allowed; the orchestration stays eager)."""
     runs = []

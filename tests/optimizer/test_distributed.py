@@ -300,7 +300,9 @@ def assert_params_close(actual: list[Tensor], expected: list[Tensor], tol: float
 # ---------------------------------------------------------------------------------------------
 # tests
 # ---------------------------------------------------------------------------------------------
+# the tests on `ranks` are slow: the module's fixture spawns two processes that import torch
 @pytest.mark.parametrize("name", list(EQUIVALENCE))
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(ranks, name):
     ranks = case(ranks, f"equivalence/{name}")
     for rank, result in enumerate(ranks):
@@ -315,11 +317,13 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(ranks, name):
     assert min(counts) > 0 and abs(counts[0] - counts[1]) <= 2, counts
 
 
+@pytest.mark.slow
 def test_preconditioner_on_a_ddp_model_under_sgd(ranks):
     for rank, result in enumerate(case(ranks, "preconditioner")):
         assert_params_close(result["params"], result["reference"], 1e-10, f"rank {rank} vs one process")
 
 
+@pytest.mark.slow
 def test_statistics_with_uneven_local_batches_are_those_of_the_union(ranks):
     ranks = case(ranks, "uneven")
     assert_same_state(ranks[0]["state"], ranks[1]["state"], "rank 0 vs rank 1")
@@ -332,6 +336,7 @@ def test_statistics_with_uneven_local_batches_are_those_of_the_union(ranks):
         torch.testing.assert_close(state[k], reference[k], atol=1e-12, rtol=1e-10, msg=lambda m: f"{k}: {m}")
 
 
+@pytest.mark.slow
 def test_non_finite_gradient_on_one_rank_makes_every_rank_skip(ranks):
     ranks = case(ranks, "nan")
     for rank, r in enumerate(ranks):
@@ -344,6 +349,7 @@ def test_non_finite_gradient_on_one_rank_makes_every_rank_skip(ranks):
     assert_same_state(ranks[0]["final_state"], ranks[1]["final_state"], "rank 0 vs rank 1 after the skip")
 
 
+@pytest.mark.slow
 def test_checkpoint_saved_on_rank0_and_loaded_on_all_resumes_exactly(ranks):
     ranks = case(ranks, "checkpoint")
     for rank, r in enumerate(ranks):
@@ -353,6 +359,7 @@ def test_checkpoint_saved_on_rank0_and_loaded_on_all_resumes_exactly(ranks):
     assert_same_state(ranks[0]["state"], ranks[1]["state"], "rank 0 vs rank 1")
 
 
+@pytest.mark.slow
 def test_asynchronous_refreshes_keep_the_ranks_identical(ranks):
     ranks = case(ranks, "asynchronous")
     assert_same_state(ranks[0]["state"], ranks[1]["state"], "rank 0 vs rank 1")

@@ -141,6 +141,7 @@ def test_autocast_bf16_finite_and_close_to_fp32():
         torch.testing.assert_close(a.curvature.in_factor, b.curvature.in_factor, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.slow
 def test_autocast_bf16_compiled_model_no_graph_break():
     torch._dynamo.reset()
     ref, _, _ = train_autocast(torch.bfloat16, steps=4)

@@ -1,8 +1,8 @@
 """The memory measurements of the step-time benchmark (bench/memory.py).
 
 The expected byte counts are built from the definitions: the tensors a method must hold per layer
-(DESIGN §1 and §5: K-FAC/EKFAC's factors, eigenbases, eigenvalues and scaling; MAC's mean EMA,
-its snapshot and the snapshot's squared norm), from the layer shapes alone; the peak is checked
+(K-FAC/EKFAC's factors, eigenbases, eigenvalues and scaling; MAC's mean EMA, its snapshot and
+the snapshot's squared norm), from the layer shapes alone; the peak is checked
 against allocations of known size."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Conformance with curvlinops-for-pytorch 3.x (DESIGN §1): for models with 2-D outputs the
+"""Conformance with curvlinops-for-pytorch 3.x: for models with 2-D outputs the
 library's F̂ for K-FAC and EKFAC equals curvlinops' ``KFACLinearOperator`` /
 ``EKFACLinearOperator`` (empirical Fisher, K-FAC-expand, weight and bias together, mean loss) to
 1e-8 in float64, for Linear, sequence Linear and Conv2d layers. (For ``MSELoss`` curvlinops'
@@ -67,8 +67,8 @@ def test_fhat_matches_curvlinops(kind: str, loss: str, curvature: str) -> None:
         # curvlinops' convention (KFACLinearOperator._maybe_adjust_loss_scale): MSELoss(mean) also
         # averages over the C outputs, and curvlinops multiplies that loss by sqrt(C) before
         # backpropagating, so its empirical Fisher is C times E_n[∇ℓ_n ∇ℓ_nᵀ] for ℓ_n = ‖f_n-y_n‖²/C,
-        # the Fisher of L = mean_n ℓ_n that DESIGN §1 (and tests/curvature/oracle.py) define. A scalar leaves
-        # the K-FAC/EKFAC eigenbasis unchanged, so dividing by C compares the same object.
+        # the Fisher of L = mean_n ℓ_n that the library and tests/curvature/oracle.py use. A scalar
+        # leaves the K-FAC/EKFAC eigenbasis unchanged, so dividing by C compares the same object.
         reference = reference / Y.shape[-1]
 
     opt = EKFAC(model, lr=0.1, damping=1e-3, curvature=curvature, momentum=0.0, weight_decay=0.0,

@@ -1,6 +1,6 @@
 """Exactness of the optimizer's maths against the independent float64 oracle (tests/curvature/oracle.py).
 
-DESIGN §2: with ``momentum=0, weight_decay=0, factor_decay=0, eigen_every=1`` one ``step()``
+The exactness contract: with ``momentum=0, weight_decay=0, factor_decay=0, eigen_every=1`` one ``step()``
 changes each preconditioned layer by exactly ``-lr·(F̂ + λI)⁻¹ ∇L`` (K-FAC, EKFAC, TEKFAC) and
 every other parameter by ``-lr·∇L``; factors follow K-FAC-expand under weight sharing (sequence
 Linear, Conv2d positions); EKFAC's scaling is the exact diagonal of the Fisher in the K-FAC
@@ -195,7 +195,7 @@ def constant_norm_problem(bias: bool, seed: int = 0) -> Problem:
     Construction: inputs x_n on the unit sphere (so ‖ā_n‖² = 1 + bias), MSE loss with targets
     ``y_n = W x_n + b - u_n``, ‖u_n‖ = 1: the residual is u_n and g_n = ∂ℓ_n/∂z_n = (2/C) u_n, so
     ‖g_n‖ = 2/C for all n. Then Φ ∝ Σ ‖g_n‖² ā ā ᵀ = c·A and Ψ ∝ Σ ‖ā_n‖² g gᵀ = c'·G: TEKFAC's
-    basis is K-FAC's, Θ = S, and the TEKFAC step equals the EKFAC step (DESIGN §1).
+    basis is K-FAC's, Θ = S, and the TEKFAC step equals the EKFAC step.
     """
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -322,7 +322,7 @@ def test_per_position_equals_per_example_without_sharing() -> None:
 @pytest.mark.parametrize("kind", ["mlp", "seq"])
 def test_batch_scaling_step(kind: str) -> None:
     """``scaling="batch"`` with ``factor_decay=0``: ``S = N·(Q_Gᵀ ∇L̄ Q_A)²`` from the mini-batch
-    gradient (DESIGN §1), and the step is ``-lr (Q diag(vec S) Qᵀ + λI)⁻¹ ∇L``."""
+    gradient, and the step is ``-lr (Q diag(vec S) Qᵀ + λI)⁻¹ ∇L``."""
     problem = PROBLEMS[kind](seed=9)
     opt, oracles, deltas, _ = one_step(problem, "ekfac", scaling="batch")
     for layer, oracle, delta in zip(opt.preconditioner.layers, oracles, deltas.values()):

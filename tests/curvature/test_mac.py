@@ -1,4 +1,4 @@
-"""MAC (Seung, Lee & Ko, ICDM 2025; DESIGN §5) against an independent dense float64 computation.
+"""MAC (Seung, Lee & Ko, ICDM 2025) against an independent dense float64 computation.
 
 The oracle below re-implements the official algorithm from the definition, with none of the
 library's code: its own input capture and im2col (explicit kernel offsets), the official

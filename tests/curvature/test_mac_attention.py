@@ -1,4 +1,4 @@
-"""MAC's attention preconditioning (DESIGN §5) against an independent dense float64 computation.
+"""MAC's attention preconditioning against an independent dense float64 computation.
 
 The oracle uses none of the library's code. The attention probabilities come from torch itself:
 ``nn.MultiheadAttention(need_weights=True, average_attn_weights=False)`` on a copy of the module

@@ -5,7 +5,8 @@ the rest of the suite imports triton normally):
 
 * ``pytest -q`` (the whole suite): the tests marked ``interpret`` below are skipped in the main
   process, and :func:`test_interpreter_suite` runs this file again in a subprocess with
-  ``TRITON_INTERPRET=1 EKFAC_TRITON_AUTOTUNE=0``, where they run on CPU tensors at small shapes.
+  ``TRITON_INTERPRET=1 EKFAC_TRITON_AUTOTUNE=0``, where they run on CPU tensors at small shapes
+  (marked ``slow``: ``pytest -m "not slow"`` leaves it out).
 * Directly: ``TRITON_INTERPRET=1 pytest -q tests/kernels/test_triton.py -m interpret``.
 * On a GPU: ``pytest -q tests/kernels/test_triton.py -m cuda`` runs the same comparisons at real
   sizes and the optimizer with ``backend="triton"`` against ``backend="torch"``.

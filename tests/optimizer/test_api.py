@@ -1,4 +1,4 @@
-"""The public contract of EKFAC/KFAC/TEKFAC and Preconditioner (DESIGN §2): argument validation,
+"""The public contract of EKFAC/KFAC/TEKFAC and Preconditioner: argument validation,
 the skip policy for non-finite steps, the eigendecomposition failure policy, amortisation,
 EMA and batch-scaling semantics, serialisation, parameter groups, KL clipping and capture."""
 

@@ -1,5 +1,5 @@
 """torch.compile: capture with no graph break, compiled vs eager statistics and trajectories
-(CPU, inductor; issue 7). Each test resets dynamo, so compile counts are per test."""
+(CPU, inductor). Each test resets dynamo, so compile counts are per test."""
 
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def test_compiled_no_grad_forward_is_ignored_and_hooks_removable():
 
 
 # ---------------------------------------------------------------------------------------------
-# compiled vs eager training (issue 7, item 5): losses over 20 steps, float32
+# compiled vs eager training: losses over 20 steps, float32
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", sorted(COMPILE_MODELS))
 @pytest.mark.slow

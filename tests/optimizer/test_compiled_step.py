@@ -1,4 +1,4 @@
-"""The compiled optimizer step (``compile_step``; issue 7, items 2-3): trajectories equal the eager
+"""The compiled optimizer step (``compile_step``): trajectories equal the eager
 step's, a bounded number of graphs over 50 steps with refreshes, the Triton ops as single graph
 nodes, the device-side non-finite skip, and (CUDA only) CUDA-graph capture without host syncs."""
 
@@ -236,7 +236,7 @@ def test_invalid_compile_step_is_refused():
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA graphs (item 3): not runnable on this machine
+# CUDA graphs (mode="reduce-overhead"): need a CUDA device
 # ---------------------------------------------------------------------------------------------
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 GRAPHED = {"mode": "reduce-overhead"}

@@ -1,4 +1,4 @@
-"""Data-parallel training (issue 8, :mod:`ekfac_triton.distributed`) on CPU with gloo: two
+"""Data-parallel training (:mod:`ekfac_triton.distributed`) on CPU with gloo: two
 processes (``torch.multiprocessing.spawn``) equal one process on the concatenated batch, split
 the eigendecompositions between them, skip non-finite steps together, and resume from a
 checkpoint saved on rank 0 bit-exactly.

@@ -1,4 +1,4 @@
-"""Mixed precision (issue 7, item 4): factor_dtype / basis_dtype, autocast (bf16 on CPU) and
+"""Mixed precision: factor_dtype / basis_dtype, autocast (bf16 on CPU) and
 torch.amp.GradScaler (fp16 recipe; inf steps skipped with the state untouched)."""
 
 from __future__ import annotations

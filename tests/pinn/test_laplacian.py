@@ -1,4 +1,4 @@
-"""The forward Laplacian (ekfac_triton.pinn.laplacian) against torch.func, float64 (DESIGN §5).
+"""The forward Laplacian (ekfac_triton.pinn.laplacian) against torch.func, float64.
 
 * u, ∇u and Δu equal the network, its gradient and the trace of ``torch.func.hessian`` for random
   tanh/sigmoid/ReLU MLPs and d ∈ {1, 2, 5}; a weighted (spatial-only) Laplacian likewise.

@@ -1,4 +1,8 @@
-"""Fixtures shared by several test modules (opt-in: nothing here applies to a test by itself)."""
+"""Fixtures shared by the test modules.
+
+One applies to every test: the whole run uses a single torch (intra-op) thread, see
+:func:`torch_threads`. The others are opt-in.
+"""
 
 import os
 import subprocess
@@ -8,10 +12,26 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def torch_threads():
+    """One torch thread for the whole run (``EKFAC_TEST_THREADS=N`` for N threads, ``0`` for
+    torch's default). The tests' tensors are small: with several threads torch's OpenMP workers
+    spin-wait, and on a shared CPU with a busy core the same tests ran 60 times slower (1.7 s
+    against 104 s for tests/curvature/test_mac*.py on 2 cores next to a benchmark). The previous
+    thread count is restored at the end."""
+    threads = torch.get_num_threads()
+    wanted = int(os.environ.get("EKFAC_TEST_THREADS", "1"))
+    if wanted > 0:
+        torch.set_num_threads(wanted)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_torch_thread():
-    """One torch thread for the test: multi-threaded small ops can be tens of times slower on a
-    shared CPU. The previous thread count is restored afterwards."""
+    """One torch thread for the test, whatever ``EKFAC_TEST_THREADS`` says: multi-threaded small
+    ops can be tens of times slower on a shared CPU. The previous thread count is restored
+    afterwards."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

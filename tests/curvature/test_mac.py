@@ -1,4 +1,4 @@
-"""MAC (Seung, Lee & Ko, ICDM 2025; DESIGN §5) against an independent dense float64 computation.
+"""MAC (Seung, Lee & Ko, ICDM 2025) against an independent dense float64 computation.
 
 The oracle below re-implements the official algorithm from the definition, with none of the
 library's code: its own input capture and im2col (explicit kernel offsets), the official
@@ -22,10 +22,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ekfac_triton import EKFAC, MAC, Preconditioner
 
-try:
-    from .test_exactness import assert_rel_close
-except ImportError:  # pragma: no cover
-    from test_exactness import assert_rel_close
+from tests.helpers import (MAC_EXACT_ONE, MAC_SEVERAL, assert_rel_close, make_mlp, mean_ce,
+                           train_in_lockstep)
 
 DTYPE = torch.float64
 TOL = 1e-10
@@ -33,9 +31,7 @@ TOL = 1e-10
 
 # -- models ----------------------------------------------------------------------------------------
 def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6, bias=False), nn.Tanh(),
-                         nn.Linear(6, 4)).to(DTYPE)
+    return make_mlp([5, 7, 6, 4], bias=[True, False, True], seed=0, dtype=DTYPE)
 
 
 def cnn() -> nn.Module:
@@ -79,10 +75,6 @@ PROBLEMS: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Generator], t
 }
 
 
-def loss_fn(out: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-
-
 # -- the independent oracle ------------------------------------------------------------------------
 def patches(x: Tensor, conv: nn.Conv2d) -> Tensor:
     """Rows of a Conv2d input by explicit kernel offsets: (N·L, C·kh·kw) in ``W.reshape(d_out, -1)``
@@ -105,19 +97,6 @@ def rows_of(module: nn.Module, x: Tensor) -> Tensor:
     if module.bias is not None:
         a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
     return a
-
-
-def train_in_lockstep(model, opt, ref_model, ref, make_data, loss_fn, steps: int, what: str) -> None:
-    """Step the library and the dense reference on the same batches; parameters equal to TOL."""
-    g = torch.Generator().manual_seed(1)
-    for k in range(steps):
-        x, y = make_data(g)
-        for mdl, o in ((model, opt), (ref_model, ref)):
-            mdl.zero_grad()
-            loss_fn(mdl(x), y).backward()
-            o.step()
-        for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
-            assert_rel_close(p, q, TOL, f"{what} step {k} {name}")
 
 
 class DenseMAC:
@@ -183,28 +162,24 @@ def run_both(problem: str, steps: int, opt_kwargs: dict, decoupled: bool = False
     ref_model = copy.deepcopy(model)
     opt = MAC(model, decoupled_weight_decay=decoupled, **opt_kwargs)
     ref = DenseMAC(ref_model, decoupled=decoupled, **opt_kwargs)
-    train_in_lockstep(model, opt, ref_model, ref, make_data, loss_fn, steps, problem)
+    train_in_lockstep(model, opt, ref_model, ref, make_data, mean_ce, steps, problem, TOL)
     return model, opt
 
 
-EXACT_ONE = dict(lr=0.3, damping=0.7, momentum=0.0, weight_decay=0.0, factor_decay=0.0, factor_every=1,
-                 eigen_every=1)
-SEVERAL = dict(lr=0.2, damping=0.5, momentum=0.9, weight_decay=1e-2, factor_decay=0.9, factor_every=2,
-               eigen_every=4)
 
 
 # -- exactness ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("problem", list(PROBLEMS))
 def test_one_step_equals_dense_inverse(problem):
     """``factor_decay=0, eigen_every=1``, no momentum: ΔW̄ = −lr·∇W̄·ρ(m m ᵀ + ρI)⁻¹, m this batch's mean row."""
-    run_both(problem, 1, EXACT_ONE)
+    run_both(problem, 1, MAC_EXACT_ONE)
 
 
 @pytest.mark.parametrize("decoupled", [False, True], ids=["coupled", "decoupled"])
 @pytest.mark.parametrize("problem", list(PROBLEMS))
 def test_several_steps_equal_dense_oracle(problem, decoupled):
     """Momentum, weight decay, statistics every 2 and refreshes every 4 steps, 9 steps."""
-    run_both(problem, 9, SEVERAL, decoupled=decoupled)
+    run_both(problem, 9, MAC_SEVERAL, decoupled=decoupled)
 
 
 def test_official_defaults_trajectory():
@@ -239,7 +214,7 @@ def test_dense_first_layer_equals_oracle():
     data = [make_data(g) for _ in range(3)]
     conv = make_model()[0]
     cov = sum(rows_of(conv, x).T @ rows_of(conv, x) / rows_of(conv, x).shape[0] for x, _ in data) / len(data)
-    kw = SEVERAL
+    kw = MAC_SEVERAL
     R1 = torch.linalg.inv(cov + kw["damping"] * torch.eye(cov.shape[0], dtype=DTYPE))
     model = make_model()
     ref_model = copy.deepcopy(model)
@@ -249,20 +224,20 @@ def test_dense_first_layer_equals_oracle():
     assert not calls, "the pass over the data must stop at the first layer"
     assert_rel_close(opt.preconditioner.layers[0].curvature.dense_inverse, R1, TOL, "R₁")
     ref = DenseMAC(ref_model, dense_first=R1, **kw)
-    train_in_lockstep(model, opt, ref_model, ref, make_data, loss_fn, 6, "dense first layer")
+    train_in_lockstep(model, opt, ref_model, ref, make_data, mean_ce, 6, "dense first layer", TOL)
 
 
 def test_state_dict_round_trip_continues_identically():
-    model, opt = run_both("seq", 5, SEVERAL)
+    model, opt = run_both("seq", 5, MAC_SEVERAL)
     model2 = copy.deepcopy(model)
-    opt2 = MAC(model2, **SEVERAL)
+    opt2 = MAC(model2, **MAC_SEVERAL)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     g = torch.Generator().manual_seed(5)
     for _ in range(4):
         x, y = PROBLEMS["seq"][1](g)
         for mdl, o in ((model, opt), (model2, opt2)):
             mdl.zero_grad()
-            loss_fn(mdl(x), y).backward()
+            mean_ce(mdl(x), y).backward()
             o.step()
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
@@ -272,7 +247,7 @@ def test_preconditioner_alone_rewrites_grads():
     model = mlp()
     pre = Preconditioner(model, curvature="mac", damping=0.5, factor_decay=0.0, eigen_every=1)
     x, y = PROBLEMS["mlp"][1](torch.Generator().manual_seed(0))
-    loss_fn(model(x), y).backward()
+    mean_ce(model(x), y).backward()
     lin = model[0]
     a = rows_of(lin, x)
     m = a.mean(0)
@@ -358,7 +333,7 @@ def test_nonfinite_step_is_skipped_and_state_unchanged():
     model = mlp()
     opt = MAC(model, factor_every=1, eigen_every=1)
     x, y = PROBLEMS["mlp"][1](torch.Generator().manual_seed(0))
-    loss_fn(model(x), y).backward()
+    mean_ce(model(x), y).backward()
     opt.step()
     before = copy.deepcopy(opt.state_dict())
     params = [p.clone() for p in model.parameters()]
@@ -366,7 +341,7 @@ def test_nonfinite_step_is_skipped_and_state_unchanged():
     bad = x.clone()
     bad[0, 0] = math.inf
     with pytest.warns(RuntimeWarning, match="skipped"):
-        loss_fn(model(bad), y).backward()
+        mean_ce(model(bad), y).backward()
         opt.step()
     after = opt.state_dict()
     for p, q in zip(params, model.parameters()):

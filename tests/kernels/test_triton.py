@@ -5,9 +5,10 @@ the rest of the suite imports triton normally):
 
 * ``pytest -q`` (the whole suite): the tests marked ``interpret`` below are skipped in the main
   process, and :func:`test_interpreter_suite` runs this file again in a subprocess with
-  ``TRITON_INTERPRET=1 EKFAC_TRITON_AUTOTUNE=0``, where they run on CPU tensors at small shapes.
-* Directly: ``TRITON_INTERPRET=1 pytest -q tests/test_kernels_triton.py -m interpret``.
-* On a GPU: ``pytest -q tests/test_kernels_triton.py -m cuda`` runs the same comparisons at real
+  ``TRITON_INTERPRET=1 EKFAC_TRITON_AUTOTUNE=0``, where they run on CPU tensors at small shapes
+  (marked ``slow``: ``pytest -m "not slow"`` leaves it out).
+* Directly: ``TRITON_INTERPRET=1 pytest -q tests/kernels/test_triton.py -m interpret``.
+* On a GPU: ``pytest -q tests/kernels/test_triton.py -m cuda`` runs the same comparisons at real
   sizes and the optimizer with ``backend="triton"`` against ``backend="torch"``.
 
 Tolerances (stated per dtype, checked as ``|x - ref| <= atol·max|ref| + rtol·|ref|``):
@@ -19,41 +20,19 @@ rounded differently by the reference (2e-2).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from ekfac_triton.kernels import (factor_update, factor_update_grouped, factor_update_reference, moment_update,
                                   moment_update_reference, per_example_scaling, per_example_scaling_reference,
                                   precondition, precondition_reference)
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HAS_CUDA = torch.cuda.is_available() and not INTERPRET
-
-needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="runs under TRITON_INTERPRET=1 in "
-                                                              "test_interpreter_suite's subprocess")
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-DEVICE = "cuda" if HAS_CUDA else "cpu"
+from tests.helpers import INTERPRET, assert_close_to_scale, make_mlp, needs_cuda, needs_interpreter
+from tests.helpers import KERNEL_DEVICE as DEVICE
 
 # (dtype, precision, atol, rtol): atol is relative to the largest magnitude of the reference.
 FP32 = (torch.float32, "ieee", 1e-5, 1e-5)
 TF32 = (torch.float32, "tf32", 5e-3, 5e-3)
 BF16 = (torch.bfloat16, "ieee", 2e-2, 2e-2)
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str = "") -> None:
-    """Elementwise ``|a - e| <= atol·max|e| + rtol·|e|``; on failure say where and by how much."""
-    actual, expected = actual.double().cpu(), expected.double().cpu()
-    scale = max(expected.abs().max().item(), 1e-30) if expected.numel() else 1.0
-    err = (actual - expected).abs()
-    bound = atol * scale + rtol * expected.abs()
-    bad = ~(err <= bound)
-    if bad.any():
-        idx = tuple(int(i) for i in torch.nonzero(bad)[0])
-        raise AssertionError(f"{what}: {int(bad.sum())}/{bad.numel()} elements off; first at {idx}: "
-                             f"{actual[idx].item():.8g} vs {expected[idx].item():.8g} "
-                             f"(max err {err.max().item():.3g}, scale {scale:.3g})")
 
 
 def _symmetric(d: int, device: str = DEVICE) -> torch.Tensor:
@@ -67,6 +46,7 @@ def _orthogonal(n: int, device: str = DEVICE) -> torch.Tensor:
 
 # -- the interpreter suite, from the normal test run ------------------------------------------------
 @pytest.mark.skipif(INTERPRET, reason="already interpreting")
+@pytest.mark.slow
 def test_interpreter_suite(interpreter_suite):
     """Run this file's ``interpret`` tests in a subprocess with ``TRITON_INTERPRET=1``."""
     interpreter_suite(__file__)
@@ -90,9 +70,10 @@ def _check_factor(d, n, bias, beta, weighted, dtype, precision, atol, rtol, *, t
     out = factor_update(c_kernel, x, alpha=1.0 / rows, beta=beta, bias=bias, weights=w, precision=precision)
     assert out is c_kernel
     factor_update_reference(c_ref, x, alpha=1.0 / rows, beta=beta, bias=bias, weights=w)
-    assert_close(c_kernel, c_ref, atol, rtol, f"factor d={d} n={n} bias={bias} beta={beta} w={weighted} {dtype}")
+    assert_close_to_scale(c_kernel, c_ref, atol, rtol,
+                          f"factor d={d} n={n} bias={bias} beta={beta} w={weighted} {dtype}")
     # mirrored tiles are exact copies; diagonal tiles are symmetric up to rounding of weighted rows
-    assert_close(c_kernel, c_kernel.T, atol, rtol, "symmetry")
+    assert_close_to_scale(c_kernel, c_kernel.T, atol, rtol, "symmetry")
 
 
 @pytest.mark.interpret
@@ -140,8 +121,9 @@ def _check_grouped(device, atol, rtol, precision):
                           biases=[s[1] for s in specs], weights=[s[3] for s in specs], precision=precision)
     for i, ((d, b, x, w, beta), c, r) in enumerate(zip(specs, cs, refs)):
         factor_update_reference(r, x, alpha=alphas[i], beta=beta, bias=b, weights=w)
-        assert_close(c, r, atol if x.dtype == torch.float32 else BF16[2], rtol if x.dtype == torch.float32 else BF16[3],
-                     f"grouped pair {i} (d={d}, bias={b}, {x.dtype})")
+        assert_close_to_scale(c, r, atol if x.dtype == torch.float32 else BF16[2],
+                              rtol if x.dtype == torch.float32 else BF16[3],
+                              f"grouped pair {i} (d={d}, bias={b}, {x.dtype})")
 
 
 @pytest.mark.interpret
@@ -169,8 +151,8 @@ def _check_precondition(d_out, d_in, batch, damping_tensor, beta, precision, ato
     update = (beta, 0.05, 3) if batch else None
     out = precondition(grad, q_out, q_in, s, damping, batch_update=update, precision=precision)
     ref = precondition_reference(grad, q_out, q_in, s_ref, damping, batch_update=update)
-    assert_close(out, ref, atol, rtol, f"precondition {d_out}x{d_in} batch={batch}")
-    assert_close(s, s_ref, atol, rtol, "scaling after precondition")
+    assert_close_to_scale(out, ref, atol, rtol, f"precondition {d_out}x{d_in} batch={batch}")
+    assert_close_to_scale(s, s_ref, atol, rtol, "scaling after precondition")
 
 
 @pytest.mark.interpret
@@ -199,7 +181,8 @@ def _check_scaling(d_out, d_in, n, bias, beta, dtype, precision, atol, rtol, *, 
     out = per_example_scaling(s, g, a, q_out, q_in, alpha=1.0 / n, beta=beta, bias=bias, precision=precision)
     assert out is s
     per_example_scaling_reference(s_ref, g, a, q_out, q_in, alpha=1.0 / n, beta=beta, bias=bias)
-    assert_close(s, s_ref, atol, rtol, f"per-example scaling {d_out}x{d_in} n={n} bias={bias} {dtype}")
+    assert_close_to_scale(s, s_ref, atol, rtol,
+                          f"per-example scaling {d_out}x{d_in} n={n} bias={bias} {dtype}")
 
 
 @pytest.mark.interpret
@@ -240,10 +223,10 @@ def _check_moment(momentum, weight_decay, lr_tensor, dtype, atol, rtol, shapes, 
     moment_update_reference(p_ref, directions, m_ref, lr=lr, momentum=momentum, weight_decay=weight_decay,
                             scales=scales)
     for i, (p, r) in enumerate(zip(params, p_ref)):
-        assert_close(p, r, atol, rtol, f"param {i} {tuple(p.shape)}")
+        assert_close_to_scale(p, r, atol, rtol, f"param {i} {tuple(p.shape)}")
     for i, (m, r) in enumerate(zip(buffers, m_ref)):
         if m is not None:
-            assert_close(m, r, atol, rtol, f"buffer {i}")
+            assert_close_to_scale(m, r, atol, rtol, f"buffer {i}")
 
 
 SMALL_SHAPES = [(5, 7), (130,), (4, 6), (1,), (64,), (3, 3, 3, 3)]
@@ -275,8 +258,7 @@ def test_optimizer_on_kernels_interpret(scaling):
     from ekfac_triton import EKFAC
 
     def run(backend):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(7, 9), torch.nn.Tanh(), torch.nn.Linear(9, 5))
+        model = make_mlp([7, 9, 5], seed=0, dtype=None)
         opt = EKFAC(model, lr=0.1, damping=1e-2, momentum=0.9, weight_decay=1e-3, eigen_every=2, scaling=scaling,
                     kl_clip=1e-2, backend="torch")
         opt.preconditioner.backend = backend
@@ -290,7 +272,8 @@ def test_optimizer_on_kernels_interpret(scaling):
             opt.step()
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
-    assert_close(run("triton"), run("torch"), 1e-3, 1e-3, f"parameters after 4 steps ({scaling})")
+    assert_close_to_scale(run("triton"), run("torch"), 1e-3, 1e-3,
+                          f"parameters after 4 steps ({scaling})")
 
 
 # -- the ops on CPU without the interpreter: reference path, schemas, fake kernels -----------------------
@@ -374,7 +357,7 @@ def test_factor_update_grouped_cuda():
     factor_update_grouped(cs, xs, alphas=[1 / 129] * len(xs), betas=[0.95] * len(xs), biases=biases, precision="ieee")
     for i, (c, r, x, b) in enumerate(zip(cs, refs, xs, biases)):
         factor_update_reference(r, x, alpha=1 / 129, beta=0.95, bias=b)
-        assert_close(c, r, *FP32[2:], f"autoencoder factor {i}")
+        assert_close_to_scale(c, r, *FP32[2:], f"autoencoder factor {i}")
 
 
 @pytest.mark.cuda
@@ -424,19 +407,13 @@ def test_ops_compile_cuda():
     eager = [a.clone() for a in args]
     expected = f(*eager)
     got = torch.compile(f, fullgraph=True)(*args)
-    assert_close(got, expected, 1e-5, 1e-5, "compiled output")
+    assert_close_to_scale(got, expected, 1e-5, 1e-5, "compiled output")
     for a, e in zip(args, eager):
-        assert_close(a, e, 1e-5, 1e-5, "compiled mutation")
+        assert_close_to_scale(a, e, 1e-5, 1e-5, "compiled mutation")
 
 
 def _autoencoder() -> torch.nn.Module:
-    sizes = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
-    layers: list[torch.nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(torch.nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(torch.nn.Tanh())
-    return torch.nn.Sequential(*layers)
+    return make_mlp([784, 1000, 500, 250, 30, 250, 500, 1000, 784], seed=None, dtype=None)
 
 
 @pytest.mark.cuda
@@ -470,7 +447,7 @@ def test_optimizer_triton_follows_torch_cuda(scaling):
             trace.append(loss.item())
         losses[backend] = torch.tensor(trace)
         finals[backend] = torch.cat([p.detach().flatten() for p in model.parameters()])
-    assert_close(losses["triton"], losses["torch"], 1e-3, 1e-3, "losses")
+    assert_close_to_scale(losses["triton"], losses["torch"], 1e-3, 1e-3, "losses")
     diff = (finals["triton"] - finals["torch"]).norm() / finals["torch"].norm()
     assert diff < 1e-3, f"relative parameter difference after 20 steps: {diff:.3g}"
     assert losses["triton"][-1] < losses["triton"][0]

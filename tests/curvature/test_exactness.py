@@ -1,6 +1,6 @@
-"""Exactness of the optimizer's maths against the independent float64 oracle (tests/oracle.py).
+"""Exactness of the optimizer's maths against the independent float64 oracle (tests/curvature/oracle.py).
 
-DESIGN §2: with ``momentum=0, weight_decay=0, factor_decay=0, eigen_every=1`` one ``step()``
+The exactness contract: with ``momentum=0, weight_decay=0, factor_decay=0, eigen_every=1`` one ``step()``
 changes each preconditioned layer by exactly ``-lr·(F̂ + λI)⁻¹ ∇L`` (K-FAC, EKFAC, TEKFAC) and
 every other parameter by ``-lr·∇L``; factors follow K-FAC-expand under weight sharing (sequence
 Linear, Conv2d positions); EKFAC's scaling is the exact diagonal of the Fisher in the K-FAC
@@ -18,43 +18,17 @@ from torch import Tensor, nn
 
 from ekfac_triton import EKFAC
 
-try:  # tests/ as a package or as a rootdir on sys.path
-    from .oracle import LayerOracle, kron_basis_matrix, layer_oracles
-except ImportError:  # pragma: no cover
-    from oracle import LayerOracle, kron_basis_matrix, layer_oracles
+from tests.curvature.oracle import LayerOracle, kron_basis_matrix, layer_oracles
+from tests.helpers import (EXACT_STEP, assert_rel_close, grad_matrix_of, library_fhat, make_mlp, mean_ce,
+                           preconditioned)
 
 DTYPE = torch.float64
 LR = 0.3
 DAMPING = 1e-3
 CURVATURES = ("kfac", "ekfac", "tekfac")
-EXACT = dict(momentum=0.0, weight_decay=0.0, factor_decay=0.0, eigen_every=1)
 
 
-# -- helpers -------------------------------------------------------------------------------------
-def assert_rel_close(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
-    """Assert ``‖actual - expected‖_F ≤ tol · ‖expected‖_F``; on failure report the relative
-    error and where (and how large) the largest entrywise mismatch is."""
-    __tracebackhide__ = True  # report the message, not the tensors
-    actual, expected = actual.detach().to(DTYPE), expected.detach().to(DTYPE)
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    diff = actual - expected
-    scale = expected.norm().clamp_min(torch.finfo(DTYPE).tiny)
-    rel = (diff.norm() / scale).item()
-    if not rel <= tol:
-        flat = int(diff.abs().argmax())
-        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
-        raise AssertionError(
-            f"{what}: relative error {rel:.3e} > {tol:.1e}; largest mismatch at index {idx}: "
-            f"actual {actual[idx].item():.6e}, expected {expected[idx].item():.6e} "
-            f"(‖expected‖ = {scale.item():.3e})")
-
-
-def mean_ce(out: Tensor, y: Tensor) -> Tensor:
-    """Cross-entropy averaged over all positions: for (B, T, C) outputs ℓ_n is example n's
-    mean over its T tokens and L = mean_n ℓ_n still holds."""
-    return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-
-
+# -- problems ------------------------------------------------------------------------------------
 def mean_mse(out: Tensor, y: Tensor) -> Tensor:
     return nn.functional.mse_loss(out, y)
 
@@ -65,9 +39,7 @@ Problem = tuple[nn.Module, Tensor, Tensor, Callable[[Tensor, Tensor], Tensor]]
 def mlp_problem(seed: int = 0, loss: str = "ce") -> Problem:
     """Three Linear layers (middle one without bias), tanh; (N, d) inputs."""
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6, bias=False), nn.Tanh(),
-                          nn.Linear(6, 4)).to(DTYPE)
+    model = make_mlp([5, 7, 6, 4], bias=[True, False, True], seed=seed, dtype=DTYPE)
     n = 24
     X = torch.randn(n, 5, generator=g, dtype=DTYPE)
     if loss == "ce":
@@ -78,9 +50,7 @@ def mlp_problem(seed: int = 0, loss: str = "ce") -> Problem:
 def seq_problem(seed: int = 0, loss: str = "ce") -> Problem:
     """Linear → tanh → Linear → tanh → Linear per token on (B, T, d) inputs, loss over all tokens."""
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5, bias=False), nn.Tanh(),
-                          nn.Linear(5, 3)).to(DTYPE)
+    model = make_mlp([4, 6, 5, 3], bias=[True, False, True], seed=seed, dtype=DTYPE)
     b, t = 10, 5
     X = torch.randn(b, t, 4, generator=g, dtype=DTYPE)
     if loss == "ce":
@@ -122,16 +92,6 @@ def layernorm_problem(seed: int = 0) -> Problem:
 PROBLEMS = {"mlp": mlp_problem, "seq": seq_problem, "cnn": cnn_problem}
 
 
-def preconditioned(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-
-
-def grad_matrix_of(module: nn.Module, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``[W | b]``-shaped matrix from weight-like and bias-like tensors of ``module``."""
-    w = weight.reshape(module.weight.shape[0], -1)
-    return w if bias is None else torch.cat([w, bias.reshape(-1, 1)], dim=1)
-
-
 def one_step(problem: Problem, curvature: str, **kwargs) -> tuple[EKFAC, list[LayerOracle], dict[nn.Module, Tensor], dict]:
     """Oracles (computed on a copy, before anything else), then one exact-settings step.
 
@@ -140,7 +100,7 @@ def one_step(problem: Problem, curvature: str, **kwargs) -> tuple[EKFAC, list[La
     """
     model, X, Y, loss_fn = problem
     oracles = layer_oracles(model, X, Y, loss_fn)
-    settings = dict(lr=LR, damping=DAMPING, curvature=curvature, **EXACT)
+    settings = dict(lr=LR, damping=DAMPING, curvature=curvature, **EXACT_STEP)
     settings.update(kwargs)
     opt = EKFAC(model, **settings)
     before = {p: p.detach().clone() for p in model.parameters()}
@@ -155,13 +115,6 @@ def one_step(problem: Problem, curvature: str, **kwargs) -> tuple[EKFAC, list[La
         db = None if m.bias is None else m.bias.detach() - before[m.bias]
         deltas[m] = grad_matrix_of(m, dw, db)
     return opt, oracles, deltas, record
-
-
-def library_fhat(curv, curvature: str) -> Tensor:
-    """The F̂ the library's stored state implies (column-major vec, as in the oracle)."""
-    if curvature == "kfac":
-        return torch.kron(curv.in_factor, curv.out_factor)
-    return kron_basis_matrix(curv.q_in, curv.q_out, curv.scaling)
 
 
 def assert_eigenbasis(q: Tensor, values: Tensor, matrix: Tensor, what: str) -> None:
@@ -242,7 +195,7 @@ def constant_norm_problem(bias: bool, seed: int = 0) -> Problem:
     Construction: inputs x_n on the unit sphere (so ‖ā_n‖² = 1 + bias), MSE loss with targets
     ``y_n = W x_n + b - u_n``, ‖u_n‖ = 1: the residual is u_n and g_n = ∂ℓ_n/∂z_n = (2/C) u_n, so
     ‖g_n‖ = 2/C for all n. Then Φ ∝ Σ ‖g_n‖² ā ā ᵀ = c·A and Ψ ∝ Σ ‖ā_n‖² g gᵀ = c'·G: TEKFAC's
-    basis is K-FAC's, Θ = S, and the TEKFAC step equals the EKFAC step (DESIGN §1).
+    basis is K-FAC's, Θ = S, and the TEKFAC step equals the EKFAC step.
     """
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -369,7 +322,7 @@ def test_per_position_equals_per_example_without_sharing() -> None:
 @pytest.mark.parametrize("kind", ["mlp", "seq"])
 def test_batch_scaling_step(kind: str) -> None:
     """``scaling="batch"`` with ``factor_decay=0``: ``S = N·(Q_Gᵀ ∇L̄ Q_A)²`` from the mini-batch
-    gradient (DESIGN §1), and the step is ``-lr (Q diag(vec S) Qᵀ + λI)⁻¹ ∇L``."""
+    gradient, and the step is ``-lr (Q diag(vec S) Qᵀ + λI)⁻¹ ∇L``."""
     problem = PROBLEMS[kind](seed=9)
     opt, oracles, deltas, _ = one_step(problem, "ekfac", scaling="batch")
     for layer, oracle, delta in zip(opt.preconditioner.layers, oracles, deltas.values()):

@@ -75,6 +75,7 @@ def test_restricted_unpickler_refuses_foreign_globals(tmp_path):
         load_mnist("train", path=fake, sha256=digest)
 
 
+@pytest.mark.slow
 def test_demo_quick(tmp_path, capsys):
     from bench import demo
 
@@ -99,6 +100,7 @@ def test_demo_quick(tmp_path, capsys):
     assert status == 0
 
 
+@pytest.mark.slow
 def test_demo_quick_with_the_mc_fisher(tmp_path, capsys):
     """``--set ekfac.fisher=mc`` trains through ``optimizer.backward`` on the same loss (784 x
     the mean BCE) and lowers it."""

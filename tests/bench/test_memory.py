@@ -1,8 +1,8 @@
 """The memory measurements of the step-time benchmark (bench/memory.py).
 
 The expected byte counts are built from the definitions: the tensors a method must hold per layer
-(DESIGN §1 and §5: K-FAC/EKFAC's factors, eigenbases, eigenvalues and scaling; MAC's mean EMA,
-its snapshot and the snapshot's squared norm), from the layer shapes alone; the peak is checked
+(K-FAC/EKFAC's factors, eigenbases, eigenvalues and scaling; MAC's mean EMA, its snapshot and
+the snapshot's squared norm), from the layer shapes alone; the peak is checked
 against allocations of known size."""
 
 from __future__ import annotations
@@ -14,21 +14,21 @@ import pytest
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:          # bench/ lives beside the package, not inside it
     sys.path.insert(0, str(ROOT))
 
 from bench.memory import PeakMemory, state_bytes, tensor_bytes  # noqa: E402
 from ekfac_triton import EKFAC  # noqa: E402
+from tests.helpers import make_mlp  # noqa: E402
 
 F32 = 4
 BOOKKEEPING_PER_LAYER = 64  # bytes a layer may hold beyond the maths (counters): far below any factor
 
 
 def _mlp() -> nn.Sequential:
-    torch.manual_seed(0)
     # odd sizes, a layer with and one without bias
-    return nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3, bias=False), nn.Tanh(), nn.Linear(3, 4))
+    return make_mlp([7, 5, 3, 4], bias=[True, False, True], seed=0, dtype=None)
 
 
 def _linear_shapes(model: nn.Module) -> list[tuple[int, int]]:

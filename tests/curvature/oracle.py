@@ -1,4 +1,4 @@
-"""An independent float64 oracle for K-FAC, EKFAC and TEKFAC, built from the maths of DESIGN §1.
+"""An independent float64 oracle for K-FAC, EKFAC and TEKFAC, built from the definitions below.
 
 Nothing here imports ``ekfac_triton``: per-example gradients come from ``torch.func``
 (``functional_call`` + ``vmap(grad(...))``), the layer inputs ā and output-gradients ĝ from a

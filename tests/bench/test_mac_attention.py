@@ -10,11 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:          # bench/ lives beside the package, not inside it
     sys.path.insert(0, str(ROOT))
 
 
+@pytest.mark.slow
 def test_mac_attention_quick_smoke(tmp_path: Path) -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "bench.mac_attention", "--quick", "--threads", "1", "--out", str(tmp_path)]

@@ -1,4 +1,4 @@
-"""The compiled optimizer step (``compile_step``; issue 7, items 2-3): trajectories equal the eager
+"""The compiled optimizer step (``compile_step``): trajectories equal the eager
 step's, a bounded number of graphs over 50 steps with refreshes, the Triton ops as single graph
 nodes, the device-side non-finite skip, and (CUDA only) CUDA-graph capture without host syncs."""
 
@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 
 from ekfac_triton import EKFAC
 
-from test_compile import MODELS, data, loss_fn
+from tests.helpers import COMPILE_MODELS, compile_batch, curvature_tensors, half_mse
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -29,23 +29,19 @@ def fresh_dynamo(one_torch_thread):
 
 def state(opt: EKFAC) -> list[Tensor]:
     """Every tensor a step updates: factors, bases, scalings, momentum buffers."""
-    tensors = []
-    for layer in opt.preconditioner.layers:
-        c = layer.curvature
-        tensors += [c.in_factor, c.out_factor] + [t for t in (c.scaling, c.q_in, c.q_out) if t is not None]
-    return tensors + [s["momentum_buffer"] for s in opt.state.values() if "momentum_buffer" in s]
+    return curvature_tensors(opt) + [s["momentum_buffer"] for s in opt.state.values() if "momentum_buffer" in s]
 
 
 def train(kind: str, compile_step, steps: int, dtype: torch.dtype = torch.float64, device: str = "cpu",
           **kwargs) -> tuple[nn.Module, EKFAC]:
     """Batches of 32 exceed every factor's dimension: full-rank factors, unique eigenbases."""
-    model = MODELS[kind][0](dtype).to(device)
+    model = COMPILE_MODELS[kind][0](dtype).to(device)
     settings = dict(lr=0.05, damping=1e-2, eigen_every=3)
     opt = EKFAC(model, **{**settings, **kwargs}, compile_step=compile_step)
     for step in range(steps):
-        x, y = (t.to(device) for t in data(kind, 32, step, dtype))
+        x, y = (t.to(device) for t in compile_batch(kind, 32, step, dtype))
         opt.zero_grad()
-        loss_fn(model(x), y).backward()
+        half_mse(model(x), y).backward()
         opt.step()
     return model, opt
 
@@ -71,6 +67,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.slow
 def test_compiled_step_follows_the_eager_trajectory_float64(case):
     """20 steps (with refreshes every 3): parameters, factors, bases, scalings and momentum of
     the compiled step equal the eager ones to rounding (inductor may fuse multiply-adds)."""
@@ -80,6 +77,7 @@ def test_compiled_step_follows_the_eager_trajectory_float64(case):
     assert_same_run(compiled, eager, atol=1e-11, rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_compiled_step_follows_the_eager_trajectory_float32():
     """float32: parameters and factors after one step agree to a few ulps; over 20 steps the float32 eigendecompositions
     amplify rounding differences (float64 above shows the maths is the same) to ~1e-4."""
@@ -92,6 +90,7 @@ def test_compiled_step_follows_the_eager_trajectory_float32():
     assert_same_run(compiled, eager, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_graphs_are_bounded_over_50_steps_with_refreshes():
     """eigen_every=5, factor_every=2: 50 steps with 10 refresh rounds and 25 statistics steps
     compile 5 graphs in all (the finite check of statistics and of other steps, factors,
@@ -116,14 +115,14 @@ def test_triton_ops_are_single_nodes_of_the_compiled_graphs():
         targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
         return gm.forward
 
-    model = MODELS["linear"][0](torch.float32)
+    model = COMPILE_MODELS["linear"][0](torch.float32)
     opt = EKFAC(model, lr=0.05, damping=1e-2, eigen_every=3, compile_step={"backend": record})
     pre = opt.preconditioner
     pre.backend = "triton"  # resolve_backend refuses "triton" without CUDA; the ops fall back on CPU
     for layer in pre.layers:
         layer.curvature.backend = "triton"
-    x, y = data("linear", 32, 0, torch.float32)
-    loss_fn(model(x), y).backward()
+    x, y = compile_batch("linear", 32, 0, torch.float32)
+    half_mse(model(x), y).backward()
     opt.step()
     n = len(pre.layers)
     assert targets.count("ekfac_triton.factor_update") == 2 * n
@@ -131,17 +130,18 @@ def test_triton_ops_are_single_nodes_of_the_compiled_graphs():
     assert targets.count("ekfac_triton.precondition") == n
 
 
+@pytest.mark.slow
 def test_plain_torch_compile_of_step_matches_eager():
     """``torch.compile(opt.step)`` (graph breaks allowed; the orchestration stays eager)."""
     runs = []
     for compiled in (False, True):
-        model = MODELS["linear"][0](torch.float64)
+        model = COMPILE_MODELS["linear"][0](torch.float64)
         opt = EKFAC(model, lr=0.05, damping=1e-2, eigen_every=3)
         step = torch.compile(opt.step) if compiled else opt.step
         for i in range(6):
-            x, y = data("linear", 32, i, torch.float64)
+            x, y = compile_batch("linear", 32, i, torch.float64)
             opt.zero_grad()
-            loss_fn(model(x), y).backward()
+            half_mse(model(x), y).backward()
             step()
         runs.append((model, opt))
     assert_same_run(runs[1], runs[0], atol=1e-11, rtol=1e-9)
@@ -161,11 +161,11 @@ def test_device_skip_leaves_everything_bit_identical(poison):
     model, opt = train("linear", True, 4, eigen_every=50, stagger=False)  # step 4: statistics, no refresh
     pre = opt.preconditioner
     before = snapshot(model, opt)
-    x, y = data("linear", 32, 4, torch.float64)
+    x, y = compile_batch("linear", 32, 4, torch.float64)
     if poison == "activation":
         x[3, 1] = float("nan")
     opt.zero_grad()
-    loss_fn(model(x), y).backward()
+    half_mse(model(x), y).backward()
     if poison == "grad":
         model[0].weight.grad[0, 0] = float("inf")
     with warnings.catch_warnings():
@@ -175,9 +175,9 @@ def test_device_skip_leaves_everything_bit_identical(poison):
     assert all(torch.equal(a, b) for a, b in zip(after, before))
     assert pre._host_skipped_steps == 0 and pre.skipped_steps == 1  # skipped on the device
     assert opt.state_dict()["preconditioner"]["skipped_steps"] == 1
-    x, y = data("linear", 32, 5, torch.float64)  # and training goes on
+    x, y = compile_batch("linear", 32, 5, torch.float64)  # and training goes on
     opt.zero_grad()
-    loss_fn(model(x), y).backward()
+    half_mse(model(x), y).backward()
     opt.step()
     assert all(torch.isfinite(t).all() for t in list(model.parameters()) + state(opt))
     assert pre.skipped_steps == 1
@@ -187,9 +187,9 @@ def test_non_finite_refresh_step_is_skipped_on_the_host():
     """A step that would refresh a basis decides on the host, as the eager step does."""
     model, opt = train("linear", True, 3, eigen_every=3, stagger=False)  # step 3 refreshes
     before = snapshot(model, opt)
-    x, y = data("linear", 32, 3, torch.float64)
+    x, y = compile_batch("linear", 32, 3, torch.float64)
     opt.zero_grad()
-    loss_fn(model(x), y).backward()
+    half_mse(model(x), y).backward()
     model[0].bias.grad[0] = float("nan")
     with pytest.warns(RuntimeWarning, match="step skipped"):
         opt.step()
@@ -205,16 +205,16 @@ def test_non_finite_first_scaling_update_after_a_refresh_is_decided_on_the_host(
     runs = []
     for compiled in (False, True):
         model, opt = train("linear", compiled, 4, eigen_every=3, factor_every=2, stagger=False)
-        x, y = data("linear", 32, 4, torch.float64)
+        x, y = compile_batch("linear", 32, 4, torch.float64)
         opt.zero_grad()
-        loss_fn(model(x), y).backward()
+        half_mse(model(x), y).backward()
         model[0].weight.grad[0, 0] = float("nan")
         with pytest.warns(RuntimeWarning, match="step skipped"):
             opt.step()
         for step in (5, 6, 7):
-            x, y = data("linear", 32, step, torch.float64)
+            x, y = compile_batch("linear", 32, step, torch.float64)
             opt.zero_grad()
-            loss_fn(model(x), y).backward()
+            half_mse(model(x), y).backward()
             opt.step()
         runs.append(snapshot(model, opt))
     for a, b in zip(*runs):
@@ -222,7 +222,7 @@ def test_non_finite_first_scaling_update_after_a_refresh_is_decided_on_the_host(
 
 
 def test_invalid_compile_step_is_refused():
-    model = MODELS["linear"][0](torch.float64)
+    model = COMPILE_MODELS["linear"][0](torch.float64)
     with pytest.raises(ValueError, match="compile_step"):
         EKFAC(model, compile_step="yes")
     with pytest.raises(ValueError, match="compile_step with curvature='mac'"):
@@ -236,7 +236,7 @@ def test_invalid_compile_step_is_refused():
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA graphs (item 3): not runnable on this machine
+# CUDA graphs (mode="reduce-overhead"): need a CUDA device
 # ---------------------------------------------------------------------------------------------
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 GRAPHED = {"mode": "reduce-overhead"}
@@ -253,9 +253,9 @@ def test_reduce_overhead_follows_the_eager_trajectory_on_cuda():
 
 def _ordinary_steps(model: nn.Module, opt: EKFAC, first: int, count: int) -> None:
     for step in range(first, first + count):
-        x, y = (t.to("cuda") for t in data("linear", 32, step, torch.float64))
+        x, y = (t.to("cuda") for t in compile_batch("linear", 32, step, torch.float64))
         opt.zero_grad(set_to_none=False)
-        loss_fn(model(x), y).backward()
+        half_mse(model(x), y).backward()
         opt.step()
 
 

@@ -1,4 +1,4 @@
-"""PINN curvature (ekfac_triton.pinn.curvature, DESIGN §5) against direct float64 evaluations.
+"""PINN curvature (ekfac_triton.pinn.curvature) against direct float64 evaluations.
 
 * interior factors (expand, reduce) and boundary factors equal the formulas evaluated loop by loop;
   with S = 1 expand = reduce = ordinary K-FAC (``A = E[ā āᵀ]``, ``B = E[g gᵀ]``);

@@ -15,7 +15,7 @@ pytest.importorskip("mnist")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:          # bench/ lives beside the package, not inside it
     sys.path.insert(0, str(ROOT))
 

@@ -15,6 +15,7 @@ from ekfac_triton.kernels import (
     per_example_scaling_reference,
     precondition_reference,
 )
+from tests.helpers import assert_allclose, assert_bitwise_equal
 
 DIMS = (1, 7, 33)
 NS = (1, 3, 129)
@@ -60,16 +61,6 @@ def _rows_x(shape: str, n: int, d: int, dtype: torch.dtype, seed: int) -> torch.
     return x
 
 
-def _bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    if not torch.equal(actual, expected):
-        diff = (actual.to(torch.float64) - expected.to(torch.float64)).abs().max().item()
-        pytest.fail(f"{what} differs from the expected value (max abs diff {diff:.3e})")
-
-
-def _close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> None:
-    torch.testing.assert_close(actual.to(torch.float64), expected, atol=atol, rtol=rtol)
-
-
 # ---------------------------------------------------------------------------------------------
 # factor accumulation
 # ---------------------------------------------------------------------------------------------
@@ -103,8 +94,8 @@ def test_factor_update_matches_explicit_concatenation(n, d, layout, bias, weight
     assert out is c or out.data_ptr() == c.data_ptr()
     assert c.dtype == acc
     assert torch.isfinite(c).all()
-    _close(c, expected, atol, rtol)
-    _close(c, c.T.to(torch.float64), atol, rtol)  # symmetric (to rounding: the reference is a plain GEMM)
+    assert_allclose(c, expected, atol, rtol)
+    assert_allclose(c, c.T.to(torch.float64), atol, rtol)  # symmetric (to rounding: the reference is a plain GEMM)
 
 
 def test_factor_update_rejects_bad_arguments():
@@ -148,14 +139,14 @@ def test_precondition_matches_explicit_formula(d_out, d_in, bias, tensor_damping
     s_before = s.clone()
     lam = torch.tensor(damping, dtype=dtype) if tensor_damping else damping
     out = precondition_reference(grad, q_out, q_in, s, lam)
-    _bitwise(s, s_before, "S without batch_update")
+    assert_bitwise_equal(s, s_before, "S without batch_update")
     assert out.shape == grad.shape and out.dtype == dtype
 
     p = q_out64.T @ grad64 @ q_in64
     expected = q_out64 @ (p / (s64 + damping)) @ q_in64.T
-    _close(out, expected, atol, rtol)
+    assert_allclose(out, expected, atol, rtol)
     if d_out * db <= 7 * 34:
-        _close(out, _kron_precondition(grad64, q_out64, q_in64, s64, damping), atol, rtol)
+        assert_allclose(out, _kron_precondition(grad64, q_out64, q_in64, s64, damping), atol, rtol)
 
 
 @pytest.mark.parametrize(("dtype", "atol", "rtol"), STATE_DTYPES)
@@ -177,8 +168,8 @@ def test_precondition_batch_update(d_out, d_in, bias, beta, dtype, atol, rtol):
     p = qo.T @ g64 @ qi
     s_new = alpha * n * p.square() + (0.0 if beta == 0.0 else beta * s0.to(torch.float64))
     assert torch.isfinite(s).all()
-    _close(s, s_new, atol, rtol)
-    _close(out, qo @ (p / (s_new + damping)) @ qi.T, atol * 10, rtol * 10)
+    assert_allclose(s, s_new, atol, rtol)
+    assert_allclose(out, qo @ (p / (s_new + damping)) @ qi.T, atol * 10, rtol * 10)
 
 
 def test_precondition_rejects_shape_mismatch():
@@ -251,7 +242,7 @@ def test_per_example_scaling_matches_loop(n, r, d_out, d_in, chunk, bias, beta, 
     if beta != 0.0:
         expected = expected + beta * s0.to(torch.float64)
     assert torch.isfinite(s).all()
-    _close(s, expected, atol, rtol)
+    assert_allclose(s, expected, atol, rtol)
 
 
 def test_per_example_scaling_chunking_does_not_change_the_result():
@@ -329,7 +320,7 @@ def test_moment_update_matches_formula(momentum, weight_decay, scaled, dtype, at
         for p, expected in zip(params, p64):
             # the update itself is rounded to dtype each step; compare against the running float64
             # recurrence on the rounded state
-            _close(p, expected, atol * (step + 1) * 10, rtol * (step + 1) * 10)
+            assert_allclose(p, expected, atol * (step + 1) * 10, rtol * (step + 1) * 10)
         p64 = [p.to(torch.float64, copy=True) for p in params]
         if momentum:
             m64 = [b.to(torch.float64, copy=True) for b in buffers]
@@ -362,10 +353,10 @@ def test_moment_update_is_bitwise_sgd(momentum, weight_decay, dtype):
         moment_update_reference(ours, grads, buffers, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                 scales=[None] * len(ours))
         for a, b in zip(ours, theirs):
-            _bitwise(a, b.detach(), f"parameter after step {step}")
+            assert_bitwise_equal(a, b.detach(), f"parameter after step {step}")
         if momentum:
             for m, p in zip(buffers, theirs):
-                _bitwise(m, sgd.state[p]["momentum_buffer"], f"momentum buffer after step {step}")
+                assert_bitwise_equal(m, sgd.state[p]["momentum_buffer"], f"momentum buffer after step {step}")
 
 
 def test_moment_update_rejects_bad_arguments():

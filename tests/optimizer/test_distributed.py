@@ -1,4 +1,4 @@
-"""Data-parallel training (issue 8, :mod:`ekfac_triton.distributed`) on CPU with gloo: two
+"""Data-parallel training (:mod:`ekfac_triton.distributed`) on CPU with gloo: two
 processes (``torch.multiprocessing.spawn``) equal one process on the concatenated batch, split
 the eigendecompositions between them, skip non-finite steps together, and resume from a
 checkpoint saved on rank 0 bit-exactly.
@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ekfac_triton import EKFAC, Preconditioner
 from ekfac_triton.distributed import assign_owners, average_gradients
+from tests.helpers import assert_bitwise_equal, half_mse, make_mlp, seeded_batch
 
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
@@ -38,35 +39,28 @@ KWARGS = dict(lr=0.1, damping=1e-2, momentum=0.9, weight_decay=1e-3, factor_deca
 # models, data, the training loop (run inside the ranks)
 # ---------------------------------------------------------------------------------------------
 def make_model(kind: str, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
     if kind == "mlp":
-        model = nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 8), nn.Tanh(), nn.Linear(8, 7), nn.Tanh(),
-                              nn.Linear(7, 3))
-    else:
-        model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Conv2d(4, 3, 2), nn.Tanh(), nn.Flatten(),
-                              nn.Linear(3 * 2 * 2, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3))
+        return make_mlp([5, 9, 8, 7, 3], seed=seed, dtype=torch.float64)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Conv2d(4, 3, 2), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(3 * 2 * 2, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3))
     return model.to(torch.float64)
 
 
 def global_batch(kind: str, step: int, n: int = WORLD * N_LOCAL) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn((n, 5) if kind == "mlp" else (n, 2, 5, 5), generator=g, dtype=torch.float64)
-    return x, torch.randn(n, 3, generator=g, dtype=torch.float64)
-
-
-def mse(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """½ mean_n ‖f(x_n) − y_n‖²: each rank's loss is the mean over its own examples."""
-    return (model(x) - y).square().sum() / (2 * x.shape[0])
+    return seeded_batch(n, (5,) if kind == "mlp" else (2, 5, 5), 3, 1000 + step)
 
 
 def train(model: nn.Module, opt: EKFAC, kind: str, steps: range, part: slice | None = None,
           manual_average: bool = False) -> None:
+    """Steps on the global batches (or their ``part``): each rank's loss is the mean over its own
+    examples."""
     for step in steps:
         x, y = global_batch(kind, step)
         if part is not None:
             x, y = x[part], y[part]
         opt.zero_grad()
-        mse(model, x, y).backward()
+        half_mse(model(x), y).backward()
         if manual_average:
             average_gradients(model.parameters())
         opt.step()
@@ -130,7 +124,7 @@ def scenario_preconditioner_with_sgd(rank: int) -> dict:
             if part is not None:
                 x, y = x[part], y[part]
             sgd.zero_grad()
-            mse(model, x, y).backward()
+            half_mse(model(x), y).backward()
             pre.step()
             sgd.step()
         return pre
@@ -153,7 +147,7 @@ def scenario_uneven(rank: int) -> dict:
     x, y = global_batch("mlp", 0)
     start = sum(sizes[:rank])
     opt.zero_grad()
-    mse(ddp, x[start:start + sizes[rank]], y[start:start + sizes[rank]]).backward()
+    half_mse(ddp(x[start:start + sizes[rank]]), y[start:start + sizes[rank]]).backward()
     opt.step()
     reference = make_model("mlp")
     ref_opt = EKFAC(reference, **KWARGS)
@@ -172,7 +166,7 @@ def scenario_nan_on_one_rank(rank: int) -> dict:
 
     x, y = global_batch("mlp", 4)
     opt.zero_grad()
-    mse(ddp, x[part], y[part]).backward()  # DDP has averaged the gradients: finite on both ranks
+    half_mse(ddp(x[part]), y[part]).backward()  # DDP has averaged the gradients: finite on both ranks
     if rank == 1:
         model[2].weight.grad[0, 0] = float("nan")  # only rank 1 sees it
     with warnings.catch_warnings(record=True) as caught:
@@ -295,9 +289,7 @@ def assert_same_state(a: dict[str, Tensor], b: dict[str, Tensor], what: str, ign
     keys = [k for k in a if not k.endswith(ignore)] if ignore else list(a)
     assert set(keys) == {k for k in b if not (ignore and k.endswith(ignore))}, f"{what}: different state keys"
     for k in keys:
-        if not torch.equal(a[k], b[k]):
-            diff = (a[k].double() - b[k].double()).abs().max().item()
-            pytest.fail(f"{what}: state {k} differs (max abs diff {diff:.3e})")
+        assert_bitwise_equal(a[k], b[k], f"{what}: state {k}")
 
 
 def assert_params_close(actual: list[Tensor], expected: list[Tensor], tol: float, what: str) -> None:
@@ -308,7 +300,9 @@ def assert_params_close(actual: list[Tensor], expected: list[Tensor], tol: float
 # ---------------------------------------------------------------------------------------------
 # tests
 # ---------------------------------------------------------------------------------------------
+# the tests on `ranks` are slow: the module's fixture spawns two processes that import torch
 @pytest.mark.parametrize("name", list(EQUIVALENCE))
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(ranks, name):
     ranks = case(ranks, f"equivalence/{name}")
     for rank, result in enumerate(ranks):
@@ -323,11 +317,13 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(ranks, name):
     assert min(counts) > 0 and abs(counts[0] - counts[1]) <= 2, counts
 
 
+@pytest.mark.slow
 def test_preconditioner_on_a_ddp_model_under_sgd(ranks):
     for rank, result in enumerate(case(ranks, "preconditioner")):
         assert_params_close(result["params"], result["reference"], 1e-10, f"rank {rank} vs one process")
 
 
+@pytest.mark.slow
 def test_statistics_with_uneven_local_batches_are_those_of_the_union(ranks):
     ranks = case(ranks, "uneven")
     assert_same_state(ranks[0]["state"], ranks[1]["state"], "rank 0 vs rank 1")
@@ -340,6 +336,7 @@ def test_statistics_with_uneven_local_batches_are_those_of_the_union(ranks):
         torch.testing.assert_close(state[k], reference[k], atol=1e-12, rtol=1e-10, msg=lambda m: f"{k}: {m}")
 
 
+@pytest.mark.slow
 def test_non_finite_gradient_on_one_rank_makes_every_rank_skip(ranks):
     ranks = case(ranks, "nan")
     for rank, r in enumerate(ranks):
@@ -352,6 +349,7 @@ def test_non_finite_gradient_on_one_rank_makes_every_rank_skip(ranks):
     assert_same_state(ranks[0]["final_state"], ranks[1]["final_state"], "rank 0 vs rank 1 after the skip")
 
 
+@pytest.mark.slow
 def test_checkpoint_saved_on_rank0_and_loaded_on_all_resumes_exactly(ranks):
     ranks = case(ranks, "checkpoint")
     for rank, r in enumerate(ranks):
@@ -361,6 +359,7 @@ def test_checkpoint_saved_on_rank0_and_loaded_on_all_resumes_exactly(ranks):
     assert_same_state(ranks[0]["state"], ranks[1]["state"], "rank 0 vs rank 1")
 
 
+@pytest.mark.slow
 def test_asynchronous_refreshes_keep_the_ranks_identical(ranks):
     ranks = case(ranks, "asynchronous")
     assert_same_state(ranks[0]["state"], ranks[1]["state"], "rank 0 vs rank 1")

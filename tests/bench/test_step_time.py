@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ["sgd", "adamw", "ekfac-e10-stagger", "ekfac-e10-all-at-once", "ekfac-e100-stagger",
            "ekfac-e100-all-at-once", "ekfac-no-refresh", "kfac-e10-stagger", "mac-s5-e50"]
 
 
+@pytest.mark.slow
 def test_step_time_quick_smoke(tmp_path: Path) -> None:
     pytest.importorskip("tqdm")
     # One thread: LAPACK/OpenMP spin-waiting makes a small eigh ~100x slower on a busy 2-core machine.

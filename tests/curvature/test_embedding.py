@@ -25,16 +25,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ekfac_triton import EKFAC, MAC
+from tests.helpers import EXACT_STEP, assert_rel_close
 
 DTYPE = torch.float64
 LR, DAMPING = 0.3, 1e-3
-EXACT = dict(momentum=0.0, weight_decay=0.0, factor_decay=0.0, eigen_every=1)
-
-
-def assert_rel_close(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
-    __tracebackhide__ = True
-    rel = ((actual - expected).norm() / expected.norm()).item()
-    assert rel <= tol, f"{what}: relative error {rel:.3e} > {tol:.1e}"
 
 
 class TokenModel(nn.Module):
@@ -119,7 +113,7 @@ def test_embedding_step_is_damped_natural_gradient(curvature: str, padding_idx: 
     f_hat, grad_matrix = embedding_oracle(model, X, Y, loss_fn, curvature)
     expected = -LR * torch.linalg.solve(f_hat + DAMPING * torch.eye(f_hat.shape[0], dtype=DTYPE),
                                         grad_matrix.T.reshape(-1)).reshape(vocab, dim).T
-    opt = EKFAC(model, lr=LR, damping=DAMPING, curvature=curvature, **EXACT)
+    opt = EKFAC(model, lr=LR, damping=DAMPING, curvature=curvature, **EXACT_STEP)
     assert opt.preconditioned_modules() == ["embed", "rest.1", "head"]
     before = model.embed.weight.detach().clone()
     loss_fn(model(X), Y).backward()
@@ -143,7 +137,7 @@ def test_embedding_type2_matches_mc_mean() -> None:
     for fisher, k in (("type-2", 1), ("mc", 3000)):
         m = TokenModel(8, 3, 3).to(DTYPE)
         m.load_state_dict(model.state_dict())
-        opt = EKFAC(m, curvature="kfac", fisher=fisher, loss=nn.CrossEntropyLoss(), mc_samples=k, seed=0, **EXACT)
+        opt = EKFAC(m, curvature="kfac", fisher=fisher, loss=nn.CrossEntropyLoss(), mc_samples=k, seed=0, **EXACT_STEP)
         opt.backward(m(X), Y)
         opt.step()
         curv = opt.preconditioner.layers[0].curvature

@@ -1,4 +1,4 @@
-"""Mixed precision (issue 7, item 4): factor_dtype / basis_dtype, autocast (bf16 on CPU) and
+"""Mixed precision: factor_dtype / basis_dtype, autocast (bf16 on CPU) and
 torch.amp.GradScaler (fp16 recipe; inf steps skipped with the state untouched)."""
 
 from __future__ import annotations
@@ -11,17 +11,15 @@ import torch
 from torch import Tensor, nn
 
 from ekfac_triton import EKFAC, Preconditioner
+from tests.helpers import make_mlp, seeded_batch
 
 
 def mlp(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 3)).to(dtype)
+    return make_mlp([6, 16, 12, 3], seed=seed, dtype=dtype)
 
 
 def batch(n: int, seed: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(200 + seed)
-    return (torch.randn(n, 6, generator=g, dtype=torch.float64).to(dtype),
-            torch.randn(n, 3, generator=g, dtype=torch.float64).to(dtype))
+    return seeded_batch(n, (6,), 3, 200 + seed, dtype)
 
 
 def mse(out: Tensor, y: Tensor) -> Tensor:
@@ -143,6 +141,7 @@ def test_autocast_bf16_finite_and_close_to_fp32():
         torch.testing.assert_close(a.curvature.in_factor, b.curvature.in_factor, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.slow
 def test_autocast_bf16_compiled_model_no_graph_break():
     torch._dynamo.reset()
     ref, _, _ = train_autocast(torch.bfloat16, steps=4)

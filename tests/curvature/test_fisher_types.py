@@ -27,29 +27,14 @@ from torch.func import hessian
 
 from ekfac_triton import EKFAC, Preconditioner
 
-try:  # tests/ as a package or as a rootdir on sys.path
-    from .oracle import LayerOracle, kron_basis_matrix, layer_oracles, unvec, vec
-except ImportError:  # pragma: no cover
-    from oracle import LayerOracle, kron_basis_matrix, layer_oracles, unvec, vec
+from tests.curvature.oracle import LayerOracle, kron_basis_matrix, layer_oracles, unvec, vec
+from tests.helpers import (EXACT_STEP, assert_rel_close, curvlinops_dense, grad_matrix_of, layer_indices,
+                           library_fhat, make_mlp, pooled_sequence_net, preconditioned, strided_cnn)
 
 DTYPE = torch.float64
 LR = 0.3
 DAMPING = 1e-3
-EXACT = dict(momentum=0.0, weight_decay=0.0, factor_decay=0.0, eigen_every=1)
 LOSSES = {"ce": nn.CrossEntropyLoss, "mse": nn.MSELoss, "bce": nn.BCEWithLogitsLoss}
-
-
-def assert_rel_close(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
-    """‖actual - expected‖_F ≤ tol·‖expected‖_F, reporting the largest mismatch on failure."""
-    __tracebackhide__ = True
-    actual, expected = actual.detach().to(DTYPE), expected.detach().to(DTYPE)
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    diff = actual - expected
-    rel = (diff.norm() / expected.norm().clamp_min(torch.finfo(DTYPE).tiny)).item()
-    if not rel <= tol:
-        idx = tuple(int(i) for i in torch.unravel_index(diff.abs().argmax(), diff.shape))
-        raise AssertionError(f"{what}: relative error {rel:.3e} > {tol:.1e}; largest mismatch at {idx}: "
-                             f"actual {actual[idx].item():.6e}, expected {expected[idx].item():.6e}")
 
 
 # -- problems ----------------------------------------------------------------------------------------
@@ -60,32 +45,20 @@ class ClassesFirst(nn.Module):
         return x.transpose(1, 2)
 
 
-class TokenMean(nn.Module):
-    """Mean over the token dimension: (B, T, d) -> (B, d)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.mean(dim=1)
-
-
 def _model(kind: str, loss: str) -> tuple[nn.Module, tuple[int, ...], tuple[int, ...]]:
-    """The model, the input shape and the output shape (in the loss's layout)."""
+    """The model (from the global RNG as problem() seeds it), the input shape and the output shape
+    (in the loss's layout)."""
     if kind == "mlp":
-        model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6, bias=False), nn.Tanh(), nn.Linear(6, 4))
-        return model, (12, 5), (12, 4)
+        return make_mlp([5, 7, 6, 4], bias=[True, False, True], seed=None, dtype=None), (12, 5), (12, 4)
     if kind == "cnn":
-        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(),
-                              nn.Conv2d(3, 4, (2, 3), stride=2, padding=(1, 0), dilation=(1, 2), bias=False),
-                              nn.Tanh(), nn.Flatten(), nn.Linear(32, 3))
-        return model, (10, 2, 6, 7), (10, 3)
+        return strided_cnn(3), (10, 2, 6, 7), (10, 3)
     if kind == "seqpool":  # shared Linear layers on (B, T, d), mean over tokens, a final Linear
-        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5, bias=False), nn.Tanh(), TokenMean(),
-                              nn.Linear(5, 3))
-        return model, (8, 5, 4), (8, 3)
+        return pooled_sequence_net(), (8, 5, 4), (8, 3)
     # a per-token model on (B, T, d): three shared Linear layers, outputs (B, T, 3)
-    layers = [nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5, bias=False), nn.Tanh(), nn.Linear(5, 3)]
+    layers = make_mlp([4, 6, 5, 3], bias=[True, False, True], seed=None, dtype=None)
     if loss == "ce":
         return nn.Sequential(*layers, ClassesFirst()), (6, 5, 4), (6, 3, 5)
-    return nn.Sequential(*layers), (6, 5, 4), (6, 5, 3)
+    return layers, (6, 5, 4), (6, 5, 3)
 
 
 def problem(kind: str, loss: str, seed: int = 0):
@@ -104,32 +77,17 @@ def problem(kind: str, loss: str, seed: int = 0):
     return model, X, Y, LOSSES[loss]()
 
 
-def preconditioned(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-
-
-def grad_matrix(m: nn.Module, weight: Tensor, bias: Tensor | None) -> Tensor:
-    w = weight.reshape(m.weight.shape[0], -1)
-    return w if bias is None else torch.cat([w, bias.reshape(-1, 1)], dim=1)
-
-
-def library_fhat(curv, curvature: str) -> Tensor:
-    if curvature == "kfac":
-        return torch.kron(curv.in_factor, curv.out_factor)
-    return kron_basis_matrix(curv.q_in, curv.q_out, curv.scaling)
-
-
 def one_step(model, X, Y, loss_fn, curvature: str, fisher: str = "type-2", **kwargs):
     """One exact-settings step through ``opt.backward``; returns the optimizer, each layer's
     gradient and parameter change as (d_out, d_in̄) matrices."""
     opt = EKFAC(model, lr=LR, damping=DAMPING, curvature=curvature, fisher=fisher, loss=loss_fn,
-                **{**EXACT, **kwargs})
+                **{**EXACT_STEP, **kwargs})
     before = {p: p.detach().clone() for p in model.parameters()}
     opt.backward(model(X), Y)
-    grads = {m: grad_matrix(m, m.weight.grad, None if m.bias is None else m.bias.grad).clone()
+    grads = {m: grad_matrix_of(m, m.weight.grad, None if m.bias is None else m.bias.grad).clone()
              for m in preconditioned(model)}
     opt.step()
-    deltas = {m: grad_matrix(m, m.weight.detach() - before[m.weight],
+    deltas = {m: grad_matrix_of(m, m.weight.detach() - before[m.weight],
                              None if m.bias is None else m.bias.detach() - before[m.bias])
               for m in preconditioned(model)}
     return opt, grads, deltas
@@ -141,25 +99,10 @@ def damped_step(f_hat: Tensor, grad: Tensor) -> Tensor:
 
 
 # -- 1. type-2 against curvlinops ---------------------------------------------------------------------
-def curvlinops_dense(curvature: str, model: nn.Module, loss_fn: nn.Module, X: Tensor, Y: Tensor) -> Tensor:
+def curvlinops_type2(curvature: str, model: nn.Module, loss_fn: nn.Module, X: Tensor, Y: Tensor) -> Tensor:
     curvlinops = pytest.importorskip("curvlinops")
     cls = curvlinops.KFACLinearOperator if curvature == "kfac" else curvlinops.EKFACLinearOperator
-    params = [p for p in model.parameters() if p.requires_grad]
-    op = cls(model, loss_fn, params, [(X, Y)], fisher_type="type-2", kfac_approx="expand",
-             separate_weight_and_bias=False, check_deterministic=False)
-    return op @ torch.eye(sum(p.numel() for p in params), dtype=DTYPE)
-
-
-def layer_indices(model: nn.Module, module: nn.Module) -> Tensor:
-    """Rows of curvlinops' matrix in the library's order (column-major vec of [W | b])."""
-    offsets, start = {}, 0
-    for p in model.parameters():
-        offsets[p] = start
-        start += p.numel()
-    d_out, d_in = module.weight.shape[0], module.weight[0].numel()
-    idx = [offsets[module.weight] + i * d_in + j if j < d_in else offsets[module.bias] + i
-           for j in range(d_in + int(module.bias is not None)) for i in range(d_out)]
-    return torch.tensor(idx)
+    return curvlinops_dense(cls, model, loss_fn, X, Y, fisher_type="type-2")
 
 
 CURVLINOPS_CASES = [(kind, curvature) for kind in ("mlp", "cnn", "seqpool", "seq") for curvature in ("kfac", "ekfac")
@@ -174,7 +117,7 @@ def test_type2_step_matches_curvlinops(kind: str, curvature: str, loss: str) -> 
     (K-FAC only: curvlinops 3.0.1's EKFAC refuses outputs with more than two dimensions; the
     Gauss-Newton oracle below covers EKFAC and TEKFAC there)."""
     model, X, Y, loss_fn = problem(kind, loss, seed=3)
-    reference = curvlinops_dense(curvature, copy.deepcopy(model), loss_fn, X, Y)
+    reference = curvlinops_type2(curvature, copy.deepcopy(model), loss_fn, X, Y)
     opt, grads, deltas = one_step(model, X, Y, loss_fn, curvature)
     for module, layer in zip(preconditioned(model), opt.preconditioner.layers):
         idx = layer_indices(model, module)
@@ -201,7 +144,7 @@ class GaussNewtonOracle(LayerOracle):
 def gauss_newton_oracles(model: nn.Module, X: Tensor, Y: Tensor, loss_fn: nn.Module) -> list[GaussNewtonOracle]:
     """From the definition: H_n = ∇²_f ℓ_n (torch.func.hessian, ℓ_n the loss of example n alone),
     factored as V diag(√w) (its own eigendecomposition); column k of the factor backpropagated as
-    the gradient of the linear loss ``s_kᵀ f`` (tests/oracle.py's probes); D columns of M = D
+    the gradient of the linear loss ``s_kᵀ f`` (tests/curvature/oracle.py's probes); D columns of M = D
     weighted by √D, so that the oracle's mean over its N·D "examples" is Σ_k over columns."""
     with torch.no_grad():
         out = model(X)
@@ -425,16 +368,17 @@ def test_no_curvature_backward_needed_off_statistics_steps() -> None:
 def test_empirical_backward_equals_plain_loop() -> None:
     model, X, Y, loss_fn = problem("cnn", "ce", seed=12)
     other = copy.deepcopy(model)
-    opt = EKFAC(model, loss=loss_fn, **EXACT)
+    opt = EKFAC(model, loss=loss_fn, **EXACT_STEP)
     opt.backward(model(X), Y)
     opt.step()
-    opt2 = EKFAC(other, **EXACT)
+    opt2 = EKFAC(other, **EXACT_STEP)
     loss_fn(other(X), Y).backward()
     opt2.step()
     for p, q in zip(model.parameters(), other.parameters()):
         assert torch.equal(p, q)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fisher", ["type-2", "mc"])
 def test_compiled_statistics_equal_eager(fisher: str) -> None:
     torch._dynamo.reset()
@@ -442,7 +386,7 @@ def test_compiled_statistics_equal_eager(fisher: str) -> None:
     stats = {}
     for mode in ("eager", "compiled"):
         m = copy.deepcopy(model)
-        opt = EKFAC(m, fisher=fisher, loss=loss_fn, seed=2, mc_samples=3 if fisher == "mc" else 1, **EXACT)
+        opt = EKFAC(m, fisher=fisher, loss=loss_fn, seed=2, mc_samples=3 if fisher == "mc" else 1, **EXACT_STEP)
         run = torch.compile(m, fullgraph=True) if mode == "compiled" else m
         for _ in range(2):
             opt.zero_grad()

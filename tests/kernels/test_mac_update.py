@@ -1,38 +1,28 @@
 """MAC's fused update kernel (kernels/mac_update.py) against its torch reference.
 
-As in test_kernels_triton.py: the ``interpret`` tests run in a subprocess with
+As in test_triton.py: the ``interpret`` tests run in a subprocess with
 ``TRITON_INTERPRET=1`` (started by :func:`test_mac_interpreter_suite`) at small odd shapes, and
-the ``cuda`` tests at real sizes on a GPU: ``pytest -q tests/test_mac_kernel.py -m cuda``.
+the ``cuda`` tests at real sizes on a GPU: ``pytest -q tests/kernels/test_mac_update.py -m cuda``.
 """
 
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 from torch import nn
 
 from ekfac_triton.kernels import mac_update, mac_update_reference
-
-try:
-    from .test_kernels_triton import assert_close
-except ImportError:  # pragma: no cover
-    from test_kernels_triton import assert_close
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HAS_CUDA = torch.cuda.is_available() and not INTERPRET
-needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="runs under TRITON_INTERPRET=1 in a subprocess")
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-DEVICE = "cuda" if HAS_CUDA else "cpu"
+from tests.helpers import INTERPRET, assert_close_to_scale, needs_cuda, needs_interpreter
+from tests.helpers import KERNEL_DEVICE as DEVICE
 
 FP32 = (torch.float32, 2e-6, 2e-6)
 BF16 = (torch.bfloat16, 2e-2, 2e-2)
 
 
 @pytest.mark.skipif(INTERPRET, reason="already interpreting")
-def test_mac_interpreter_suite(interpreter_suite):
+def test_mac_interpreter_suite(interpreter_suite):  # not slow: the fast subset's run of a kernel interpreted
     """Run this file's ``interpret`` tests in a subprocess with ``TRITON_INTERPRET=1``."""
     interpreter_suite(__file__)
 
@@ -55,13 +45,13 @@ def _check(shape, bias, momentum, weight_decay, decoupled, dtype, atol, rtol, de
     ref64 = [t if t is None else t.double() for t in ref]
     mac_update_reference(ref64[0], gw.double(), ref64[1], ref64[2], None if gb is None else gb.double(), ref64[3],
                          mean.double(), sq.double(), **kw)
-    assert_close(w, ref64[0], atol, rtol, f"weight {shape}")
+    assert_close_to_scale(w, ref64[0], atol, rtol, f"weight {shape}")
     if momentum:
-        assert_close(mw, ref64[1], atol, rtol, f"weight buffer {shape}")
+        assert_close_to_scale(mw, ref64[1], atol, rtol, f"weight buffer {shape}")
     if bias:
-        assert_close(b, ref64[2], atol, rtol, f"bias {shape}")
+        assert_close_to_scale(b, ref64[2], atol, rtol, f"bias {shape}")
         if momentum:
-            assert_close(mb, ref64[3], atol, rtol, f"bias buffer {shape}")
+            assert_close_to_scale(mb, ref64[3], atol, rtol, f"bias buffer {shape}")
 
 
 # -- the kernel under the interpreter, odd shapes (row chunks of 16 there: one and two passes) ----------
@@ -103,7 +93,7 @@ def test_optimizer_fused_path_interpret():
             nn.functional.cross_entropy(mdl(x), y).backward()
             opt.step()
     for p, q in zip(model.parameters(), twin.parameters()):
-        assert_close(q, p, 1e-5, 1e-5, "fused vs torch backend")
+        assert_close_to_scale(q, p, 1e-5, 1e-5, "fused vs torch backend")
 
 
 class _AttentionNet(nn.Module):
@@ -156,7 +146,7 @@ def test_optimizer_fused_path_attention_interpret():
     the result tracks the torch backend (fp32)."""
     torch_run, fused_run = _attention_runs(("torch", "triton"), "cpu")
     for p, q in zip(torch_run.parameters(), fused_run.parameters()):
-        assert_close(q, p, 1e-5, 1e-5, "fused vs torch backend (attention)")
+        assert_close_to_scale(q, p, 1e-5, 1e-5, "fused vs torch backend (attention)")
 
 
 # -- CPU without the interpreter: the op's schema, fake kernel and argument checks ----------------------
@@ -218,4 +208,4 @@ def test_mac_optimizer_triton_follows_torch_cuda():
 def test_mac_attention_triton_follows_torch_cuda():
     torch_run, fused_run = _attention_runs(("torch", "triton"), "cuda", steps=10)
     for p, q in zip(torch_run.parameters(), fused_run.parameters()):
-        assert_close(q, p, 1e-4, 1e-4, "fused vs torch backend (attention, CUDA)")
+        assert_close_to_scale(q, p, 1e-4, 1e-4, "fused vs torch backend (attention, CUDA)")

@@ -1,4 +1,4 @@
-"""The forward Laplacian (ekfac_triton.pinn.laplacian) against torch.func, float64 (DESIGN §5).
+"""The forward Laplacian (ekfac_triton.pinn.laplacian) against torch.func, float64.
 
 * u, ∇u and Δu equal the network, its gradient and the trace of ``torch.func.hessian`` for random
   tanh/sigmoid/ReLU MLPs and d ∈ {1, 2, 5}; a weighted (spatial-only) Laplacian likewise.
@@ -16,37 +16,17 @@ from torch.func import functional_call, hessian, jacrev, vmap
 
 from ekfac_triton.pinn import ForwardLaplacian, Heat, Poisson
 from ekfac_triton.pinn.curvature import LayerSample, layer_gradient
+from tests.helpers import assert_rel_close, make_mlp
 
 DTYPE = torch.float64
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
-TOL = 1e-12
-
-
-def assert_rel_close(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
-    __tracebackhide__ = True
-    actual, expected = actual.detach(), expected.detach()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    diff = (actual - expected).abs()
-    scale = expected.abs().max().clamp_min(1e-300)
-    rel = float(diff.max() / scale)
-    if not rel <= tol:
-        idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
-        raise AssertionError(f"{what}: max relative error {rel:.3e} > {tol:.0e} at {idx}: "
-                             f"{float(actual[idx]):.6e} vs {float(expected[idx]):.6e}")
+TOL = 1e-12  # every entry's error relative to the largest entry of the expected tensor (norm="max")
 
 
 def mlp(d: int, act: type[nn.Module], widths=(7, 5), seed: int = 0, bias: bool | list[bool] = True) -> nn.Sequential:
-    torch.manual_seed(seed)
-    sizes = [d, *widths, 1]
-    biases = bias if isinstance(bias, list) else [bias] * (len(sizes) - 1)
-    layers: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=biases[i]))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers).to(DTYPE)
+    return make_mlp([d, *widths, 1], act=act, bias=bias, seed=seed, dtype=DTYPE)
 
 
 def points(n: int, d: int, seed: int = 1) -> Tensor:
@@ -63,13 +43,13 @@ def test_forward_laplacian_equals_hessian_trace(act, d):
     def scalar(xi: Tensor) -> Tensor:
         return model(xi).squeeze(-1)
 
-    assert_rel_close(out.u, scalar(x), TOL, "u")
-    assert_rel_close(out.grad, vmap(jacrev(scalar))(x), TOL, "∇u")
+    assert_rel_close(out.u, scalar(x), TOL, "u", norm="max")
+    assert_rel_close(out.grad, vmap(jacrev(scalar))(x), TOL, "∇u", norm="max")
     lap = vmap(hessian(scalar))(x).diagonal(dim1=-2, dim2=-1).sum(-1)
     if act is nn.ReLU:  # piecewise linear: Δu = 0 away from the kinks
         assert out.lap.abs().max() == 0 and lap.abs().max() == 0
     else:
-        assert_rel_close(out.lap, lap, TOL, "Δu")
+        assert_rel_close(out.lap, lap, TOL, "Δu", norm="max")
 
 
 def test_weighted_laplacian_is_weighted_hessian_diagonal():
@@ -78,7 +58,7 @@ def test_weighted_laplacian_is_weighted_hessian_diagonal():
     x = points(9, 4)
     out = ForwardLaplacian(model, weights)(x)
     h = vmap(hessian(lambda xi: model(xi).squeeze(-1)))(x).diagonal(dim1=-2, dim2=-1)
-    assert_rel_close(out.lap, h @ weights, TOL, "Σ c_i ∂_i² u")
+    assert_rel_close(out.lap, h @ weights, TOL, "Σ c_i ∂_i² u", norm="max")
 
 
 def test_value_only_pass_is_the_model():
@@ -86,7 +66,7 @@ def test_value_only_pass_is_the_model():
     x = points(6, 3)
     out = ForwardLaplacian(model)(x, derivatives=False)
     assert out.grad is None and out.lap is None
-    assert_rel_close(out.u, model(x).squeeze(-1), TOL, "u")
+    assert_rel_close(out.u, model(x).squeeze(-1), TOL, "u", norm="max")
 
 
 class _Residual(nn.Module):
@@ -138,9 +118,10 @@ def test_position_jacobians_equal_residual_jacobian(problem, bias):
         has_bias = model[i].bias is not None
         per_point = torch.einsum("nso,nsi->noi", rec.grads, rec.inputs)
         expected = combined(jac, i, has_bias)
-        assert_rel_close(per_point, expected, TOL, f"Σ_s ĝ ⊗ ā, layer {i}")
+        assert_rel_close(per_point, expected, TOL, f"Σ_s ĝ ⊗ ā, layer {i}", norm="max")
         grad = layer_gradient(LayerSample(rec.inputs, rec.grads), r.detach())
-        assert_rel_close(grad, torch.einsum("noi,n->oi", expected, r.detach()) / len(r), TOL, f"gradient, layer {i}")
+        assert_rel_close(grad, torch.einsum("noi,n->oi", expected, r.detach()) / len(r), TOL, f"gradient, layer {i}",
+                         norm="max")
         # and it is the autograd gradient of the loss 1/(2N) Σ r²
     model.zero_grad()
     r2 = residual(lambda xs, **kw: net(xs, **kw), x)
@@ -148,7 +129,7 @@ def test_position_jacobians_equal_residual_jacobian(problem, bias):
     for rec, i in zip(net.records, linear_idx):
         auto = _combined_grad(model[i])
         grad = layer_gradient(LayerSample(rec.inputs, rec.grads), r.detach())
-        assert_rel_close(grad, auto, TOL, f"gradient vs autograd, layer {i}")
+        assert_rel_close(grad, auto, TOL, f"gradient vs autograd, layer {i}", norm="max")
 
 
 def _combined_grad(lin: nn.Linear) -> Tensor:

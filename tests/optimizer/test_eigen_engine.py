@@ -12,14 +12,11 @@ from torch import nn
 from ekfac_triton import EKFAC
 from ekfac_triton.eigen import eigh_dtype
 from ekfac_triton.eigen_engine import EigenEngine, stagger_offsets
+from tests.helpers import make_mlp
 
 
 def model_of(widths: list[int], seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers += [nn.Linear(a, b), nn.Tanh()] if i < len(widths) - 2 else [nn.Linear(a, b)]
-    return nn.Sequential(*layers).to(dtype)
+    return make_mlp(widths, seed=seed, dtype=dtype)
 
 
 def step(model: nn.Module, opt: EKFAC, seed: int, n: int = 17) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 
 from ekfac_triton.pinn import KFAC, Heat, KFACStar, Poisson, heat_sin_product, poisson_sin_product
 from ekfac_triton.pinn.curvature import boundary_factors, damped, interior_factors
+from tests.helpers import make_mlp
 
 DTYPE = torch.float64
 
@@ -20,15 +21,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.p
 
 def setup(problem=None, widths=(8,), n_in=40, n_bd=12, seed=0, dtype=DTYPE, bias=True):
     problem = problem or poisson_sin_product(2)
-    torch.manual_seed(seed)
     d = problem.equation.in_features
     sizes = [d, *widths, 1]
-    layers: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=bias or i == len(sizes) - 2))
-        if i < len(sizes) - 2:
-            layers.append(nn.Tanh())
-    model = nn.Sequential(*layers).to(dtype)
+    model = make_mlp(sizes, bias=[bias or i == len(sizes) - 2 for i in range(len(sizes) - 1)], seed=seed,
+                     dtype=dtype)
     g = torch.Generator().manual_seed(seed + 1)
     xi, xb = problem.sample_interior(n_in, g, dtype), problem.sample_boundary(n_bd, g, dtype)
     return model, problem, (xi, problem.source(xi), xb, problem.boundary_value(xb))

@@ -1,9 +1,7 @@
 """torch.compile: capture with no graph break, compiled vs eager statistics and trajectories
-(CPU, inductor; issue 7). Each test resets dynamo, so compile counts are per test."""
+(CPU, inductor). Each test resets dynamo, so compile counts are per test."""
 
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
@@ -12,6 +10,7 @@ from torch import Tensor, nn
 from torch._dynamo.utils import counters
 
 from ekfac_triton import EKFAC
+from tests.helpers import COMPILE_MODELS, compile_batch, curvature_tensors, half_mse
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -25,75 +24,21 @@ def fresh_dynamo():
 
 
 # ---------------------------------------------------------------------------------------------
-# models and data: (N, d) Linear, Conv2d, (B, T, d) sequence
+# models and data (tests/helpers.py): (N, d) Linear, Conv2d, (B, T, d) sequence
 # ---------------------------------------------------------------------------------------------
-def mlp(dtype: torch.dtype) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.LayerNorm(6), nn.Tanh(),
-                         nn.Linear(6, 3)).to(dtype)
-
-
-def conv(dtype: torch.dtype) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, stride=2), nn.Tanh(),
-                         nn.Flatten(), nn.Linear(4 * 2 * 2, 3)).to(dtype)
-
-
-class Sequence(nn.Module):
-    """(B, T, d) -> (B, 3): shared Linear layers over positions, then mean pooling."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp = nn.Linear(5, 8)
-        self.mix = nn.Linear(8, 8, bias=False)
-        self.out = nn.Linear(8, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.tanh(self.inp(x))
-        h = h + torch.tanh(self.mix(h))
-        return self.out(h).mean(1)
-
-
-def sequence(dtype: torch.dtype) -> nn.Module:
-    torch.manual_seed(0)
-    return Sequence().to(dtype)
-
-
-MODELS = {"linear": (mlp, (5,)), "conv2d": (conv, (2, 5, 5)), "sequence": (sequence, (4, 5))}
-
-
-def data(kind: str, n: int, seed: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(100 + seed)
-    x = torch.randn((n, *MODELS[kind][1]), generator=g, dtype=torch.float64).to(dtype)
-    y = torch.randn(n, 3, generator=g, dtype=torch.float64).to(dtype)
-    return x, y
-
-
-def loss_fn(out: Tensor, y: Tensor) -> Tensor:
-    return (out - y).square().sum() / (2 * out.shape[0])
-
-
-def statistics(opt: EKFAC) -> list[Tensor]:
-    tensors = []
-    for layer in opt.preconditioner.layers:
-        c = layer.curvature
-        tensors += [c.in_factor, c.out_factor] + [t for t in (c.scaling, c.q_in, c.q_out) if t is not None]
-    return tensors
-
-
 def train(kind: str, compiled: bool, steps: int, dtype: torch.dtype = torch.float64, batch_sizes=(32,),
           same_batch: bool = False, **kwargs) -> tuple[list[float], nn.Module, EKFAC]:
     """Batches of 32 exceed every factor's dimension: a rank-deficient factor's eigenbasis is
     arbitrary in its null space, where rounding-level differences (compiled vs eager) would
     pick different bases and so different EKFAC directions."""
-    model = MODELS[kind][0](dtype)
+    model = COMPILE_MODELS[kind][0](dtype)
     opt = EKFAC(model, lr=0.05, damping=1e-2, eigen_every=3, **kwargs)
     run = torch.compile(model, fullgraph=True) if compiled else model
     losses = []
     for step in range(steps):
-        x, y = data(kind, batch_sizes[step % len(batch_sizes)], 0 if same_batch else step, dtype)
+        x, y = compile_batch(kind, batch_sizes[step % len(batch_sizes)], 0 if same_batch else step, dtype)
         opt.zero_grad()
-        loss = loss_fn(run(x), y)
+        loss = half_mse(run(x), y)
         loss.backward()
         opt.step()
         losses.append(loss.item())
@@ -109,25 +54,26 @@ def assert_close_lists(actual: list[Tensor], expected: list[Tensor], atol: float
 # ---------------------------------------------------------------------------------------------
 # 1. capture without graph breaks, exactly the eager statistics
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("kind", sorted(COMPILE_MODELS))
 def test_explain_reports_no_graph_break(kind):
-    model = MODELS[kind][0](torch.float64)
+    model = COMPILE_MODELS[kind][0](torch.float64)
     opt = EKFAC(model)
-    x, _ = data(kind, 4, 0, torch.float64)
+    x, _ = compile_batch(kind, 4, 0, torch.float64)
     explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
     opt.remove_hooks()
 
 
-@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("kind", sorted(COMPILE_MODELS))
+@pytest.mark.slow
 def test_compiled_capture_gives_the_eager_statistics(kind):
     """fullgraph=True (a graph break would raise), float64: statistics, bases and parameters of
     a compiled model agree with eager ones after several steps, including refresh steps."""
     _, model_e, opt_e = train(kind, compiled=False, steps=5)
     _, model_c, opt_c = train(kind, compiled=True, steps=5)
     assert opt_c.preconditioner.steps == opt_e.preconditioner.steps == 5
-    assert_close_lists(statistics(opt_c), statistics(opt_e), atol=1e-11, rtol=1e-9, what="statistics")
+    assert_close_lists(curvature_tensors(opt_c), curvature_tensors(opt_e), atol=1e-11, rtol=1e-9, what="statistics")
     assert_close_lists(list(model_c.parameters()), list(model_e.parameters()), atol=1e-11, rtol=1e-9,
                        what="parameters")
 
@@ -136,11 +82,11 @@ def test_captured_tensors_equal_eager_ones():
     """One step's captured (input, output-gradient) pairs themselves, compiled vs eager."""
     captured = {}
     for compiled in (False, True):
-        model = sequence(torch.float64)
+        model = COMPILE_MODELS["sequence"][0](torch.float64)
         opt = EKFAC(model)
         run = torch.compile(model, fullgraph=True) if compiled else model
-        x, y = data("sequence", 6, 0, torch.float64)
-        loss_fn(run(x), y).backward()
+        x, y = compile_batch("sequence", 6, 0, torch.float64)
+        half_mse(run(x), y).backward()
         captured[compiled] = [(layer.capture.inputs, layer.capture.grad_output, layer.capture.completed)
                               for layer in opt.preconditioner.layers]
     for (a_c, g_c, n_c), (a_e, g_e, n_e) in zip(captured[True], captured[False]):
@@ -149,6 +95,7 @@ def test_captured_tensors_equal_eager_ones():
         torch.testing.assert_close(g_c, g_e, atol=1e-14, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_changing_batch_size_recompiles_at_most_once():
     """No preallocated buffers: a new batch size costs dynamo's one dynamic-shape recompile, no more."""
     sizes = (32, 20, 41, 32, 24, 37)  # >= d̄ of every factor: full rank, a unique basis
@@ -157,7 +104,7 @@ def test_changing_batch_size_recompiles_at_most_once():
     counters.clear()
     _, model_c, opt_c = train("linear", compiled=True, steps=len(sizes), batch_sizes=sizes)
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
-    assert_close_lists(statistics(opt_c), statistics(opt_e), atol=1e-11, rtol=1e-9, what="statistics")
+    assert_close_lists(curvature_tensors(opt_c), curvature_tensors(opt_e), atol=1e-11, rtol=1e-9, what="statistics")
 
 
 def test_factor_every_shares_one_graph():
@@ -168,17 +115,17 @@ def test_factor_every_shares_one_graph():
     _, model_c, opt_c = train("linear", compiled=True, steps=6, factor_every=2)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert opt_c.preconditioner.layers[0].curvature.factor_updates == 3
-    assert_close_lists(statistics(opt_c), statistics(opt_e), atol=1e-11, rtol=1e-9, what="statistics")
+    assert_close_lists(curvature_tensors(opt_c), curvature_tensors(opt_e), atol=1e-11, rtol=1e-9, what="statistics")
     assert_close_lists(list(model_c.parameters()), list(model_e.parameters()), atol=1e-11, rtol=1e-9,
                        what="parameters")
 
 
 def test_compiled_forward_without_backward_is_ignored():
-    model = mlp(torch.float64)
+    model = COMPILE_MODELS["linear"][0](torch.float64)
     opt = EKFAC(model)
     run = torch.compile(model, fullgraph=True)
-    x, y = data("linear", 8, 0, torch.float64)
-    loss_fn(run(x), y).backward()
+    x, y = compile_batch("linear", 8, 0, torch.float64)
+    half_mse(run(x), y).backward()
     expected = [layer.capture.inputs.clone() for layer in opt.preconditioner.layers]
     run(torch.randn(3, 5, dtype=torch.float64))  # a metric with grad enabled, never backpropagated
     for layer, inputs in zip(opt.preconditioner.layers, expected):
@@ -188,17 +135,17 @@ def test_compiled_forward_without_backward_is_ignored():
 
 
 def test_compiled_module_run_twice_is_refused():
-    model = mlp(torch.float64)
+    model = COMPILE_MODELS["linear"][0](torch.float64)
     opt = EKFAC(model)
     run = torch.compile(model, fullgraph=True)
-    x, y = data("linear", 8, 0, torch.float64)
-    (loss_fn(run(x), y) + loss_fn(run(x + 1), y)).backward()
+    x, y = compile_batch("linear", 8, 0, torch.float64)
+    (half_mse(run(x), y) + half_mse(run(x + 1), y)).backward()
     with pytest.raises(RuntimeError, match="ran 2 times"):
         opt.step()
 
 
 def test_compiled_no_grad_forward_is_ignored_and_hooks_removable():
-    model = mlp(torch.float64)
+    model = COMPILE_MODELS["linear"][0](torch.float64)
     opt = EKFAC(model)
     run = torch.compile(model, fullgraph=True)
     with torch.no_grad():
@@ -206,15 +153,16 @@ def test_compiled_no_grad_forward_is_ignored_and_hooks_removable():
     assert all(layer.capture.completed == 0 for layer in opt.preconditioner.layers)
     opt.remove_hooks()
     torch._dynamo.reset()
-    x, y = data("linear", 8, 0, torch.float64)
-    loss_fn(torch.compile(model, fullgraph=True)(x), y).backward()
+    x, y = compile_batch("linear", 8, 0, torch.float64)
+    half_mse(torch.compile(model, fullgraph=True)(x), y).backward()
     assert all(layer.capture.completed == 0 for layer in opt.preconditioner.layers)
 
 
 # ---------------------------------------------------------------------------------------------
-# compiled vs eager training (issue 7, item 5): losses over 20 steps, float32
+# compiled vs eager training: losses over 20 steps, float32
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("kind", sorted(COMPILE_MODELS))
+@pytest.mark.slow
 def test_compiled_training_matches_eager_losses(kind):
     losses_e, _, _ = train(kind, compiled=False, steps=20, dtype=torch.float32, same_batch=True)
     losses_c, _, _ = train(kind, compiled=True, steps=20, dtype=torch.float32, same_batch=True)

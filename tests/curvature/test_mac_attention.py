@@ -1,4 +1,4 @@
-"""MAC's attention preconditioning (DESIGN §5) against an independent dense float64 computation.
+"""MAC's attention preconditioning against an independent dense float64 computation.
 
 The oracle uses none of the library's code. The attention probabilities come from torch itself:
 ``nn.MultiheadAttention(need_weights=True, average_attn_weights=False)`` on a copy of the module
@@ -23,12 +23,7 @@ from torch import Tensor, nn
 from ekfac_triton import MAC, AttentionSpec
 from ekfac_triton.layers import attention as attention_module
 
-try:
-    from .test_exactness import assert_rel_close
-    from .test_mac import EXACT_ONE, SEVERAL, loss_fn, train_in_lockstep
-except ImportError:  # pragma: no cover
-    from test_exactness import assert_rel_close
-    from test_mac import EXACT_ONE, SEVERAL, loss_fn, train_in_lockstep
+from tests.helpers import MAC_EXACT_ONE, MAC_SEVERAL, assert_rel_close, mean_ce, train_in_lockstep
 
 DTYPE = torch.float64
 TOL = 1e-10
@@ -203,14 +198,14 @@ MASKS = ["none", "causal", "padding", "float"]
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
 def test_multihead_attention_equals_dense_oracle(batch_first, bias, mask, settings):
     """in_proj: q/k rows × R, v rows × R_v; out_proj: plain MAC on the attention output."""
-    kw = EXACT_ONE if settings == "one" else SEVERAL
+    kw = MAC_EXACT_ONE if settings == "one" else MAC_SEVERAL
     model = MHAModel(batch_first, bias, mask).to(DTYPE)
     ref_model = copy.deepcopy(model)
     opt = MAC(model, **kw)
     assert opt.preconditioned_modules() == ["inp", "attn", "attn.out_proj", "head"]
     ref = DenseAttentionMAC(ref_model, **kw)
-    train_in_lockstep(model, opt, ref_model, ref, make_data, loss_fn, 1 if settings == "one" else 9,
-                      f"mha {mask}")
+    train_in_lockstep(model, opt, ref_model, ref, make_data, mean_ce, 1 if settings == "one" else 9,
+                      f"mha {mask}", TOL)
     curv = opt.preconditioner.layers[1].curvature
     assert_rel_close(curv.value_mean, ref.v_ema[("in", ref_model.attn)] / (1 - ref.beta ** ref.ema_steps), TOL, "v̂")
 
@@ -219,14 +214,14 @@ def test_multihead_attention_equals_dense_oracle(batch_first, bias, mask, settin
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_fused_qkv_equals_dense_oracle(bias, causal, settings):
-    kw = EXACT_ONE if settings == "one" else SEVERAL
+    kw = MAC_EXACT_ONE if settings == "one" else MAC_SEVERAL
     model = QKVModel(causal, bias).to(DTYPE)
     ref_model = copy.deepcopy(model)
     spec = {"num_heads": HEADS, "causal": causal} if causal else HEADS
     opt = MAC(model, attention_layers={"qkv": spec}, **kw)
     ref = DenseAttentionMAC(ref_model, qkv_heads={ref_model.qkv: (HEADS, causal)}, **kw)
-    train_in_lockstep(model, opt, ref_model, ref, make_data, loss_fn, 1 if settings == "one" else 9,
-                      f"qkv causal={causal}")
+    train_in_lockstep(model, opt, ref_model, ref, make_data, mean_ce, 1 if settings == "one" else 9,
+                      f"qkv causal={causal}", TOL)
 
 
 def test_attention_spec_forms_are_equivalent():
@@ -234,11 +229,11 @@ def test_attention_spec_forms_are_equivalent():
     finals = []
     for spec in specs:
         model = QKVModel(False, True).to(DTYPE)
-        opt = MAC(model, attention_layers={"qkv": spec}, **SEVERAL)
+        opt = MAC(model, attention_layers={"qkv": spec}, **MAC_SEVERAL)
         x, y = make_data(torch.Generator().manual_seed(3))
         for _ in range(3):
             opt.zero_grad()
-            loss_fn(model(x), y).backward()
+            mean_ce(model(x), y).backward()
             opt.step()
         finals.append(torch.cat([p.flatten() for p in model.parameters()]))
     for f in finals[1:]:
@@ -251,9 +246,9 @@ def test_plain_mac_of_the_same_linear_differs():
     for marked in (False, True):
         model = QKVModel(True, True).to(DTYPE)
         opt = MAC(model, attention_layers={"qkv": {"num_heads": HEADS, "causal": True}} if marked else None,
-                  **EXACT_ONE)
+                  **MAC_EXACT_ONE)
         x, y = make_data(torch.Generator().manual_seed(0))
-        loss_fn(model(x), y).backward()
+        mean_ce(model(x), y).backward()
         opt.step()
         runs.append(model.qkv.weight.detach().clone())
     assert torch.equal(runs[0][: 2 * E], runs[1][: 2 * E])
@@ -281,7 +276,7 @@ def test_attention_recomputed_only_on_statistics_steps(monkeypatch, factor_every
         x, y = make_data(g)
         for model, opt in zip((mha, qkv), opts):
             opt.zero_grad()
-            loss_fn(model(x), y).backward()
+            mean_ce(model(x), y).backward()
             opt.step()
     stats_steps = len(range(0, steps, factor_every))
     # per statistics step: MHA in_proj + out_proj, and the fused qkv layer (one chunk each: small)
@@ -308,7 +303,7 @@ def test_memory_is_two_vector_pairs_per_attention_layer():
     model = QKVModel(False, True).to(DTYPE)
     opt = MAC(model, attention_layers={"qkv": HEADS}, factor_every=1, eigen_every=1)
     x, y = make_data(torch.Generator().manual_seed(0))
-    loss_fn(model(x), y).backward()
+    mean_ce(model(x), y).backward()
     opt.step()
     state = opt.state_dict()["preconditioner"]["layers"]
     qkv = next(s for s in state if s["name"] == "qkv")
@@ -320,21 +315,21 @@ def test_memory_is_two_vector_pairs_per_attention_layer():
 
 def test_state_dict_round_trip_with_attention():
     model = MHAModel(True, True, "padding").to(DTYPE)
-    opt = MAC(model, **SEVERAL)
+    opt = MAC(model, **MAC_SEVERAL)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
         x, y = make_data(g)
         opt.zero_grad()
-        loss_fn(model(x), y).backward()
+        mean_ce(model(x), y).backward()
         opt.step()
     model2 = copy.deepcopy(model)
-    opt2 = MAC(model2, **SEVERAL)
+    opt2 = MAC(model2, **MAC_SEVERAL)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     for _ in range(3):
         x, y = make_data(g)
         for mdl, o in ((model, opt), (model2, opt2)):
             mdl.zero_grad()
-            loss_fn(mdl(x), y).backward()
+            mean_ce(mdl(x), y).backward()
             o.step()
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
@@ -411,7 +406,7 @@ def test_other_curvatures_leave_multihead_attention_to_the_plain_update():
         opt = EKFAC(model, lr=0.1, momentum=0.0)
     assert opt.preconditioned_modules() == ["inp", "head"]
     x, y = make_data(torch.Generator().manual_seed(0))
-    loss_fn(model(x), y).backward()
+    mean_ce(model(x), y).backward()
     before = model.attn.out_proj.weight.detach().clone()
     grad = model.attn.out_proj.weight.grad.clone()
     opt.step()

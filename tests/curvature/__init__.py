@@ -1,0 +1,2 @@
+"""Curvature maths: exactness against an independent oracle, curvlinops conformance, Fisher
+types, embeddings, MAC."""

@@ -1,0 +1,2 @@
+"""The optimizer: public API, torch.compile, compiled step, mixed precision, data parallelism,
+eigendecomposition engine."""

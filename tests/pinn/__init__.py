@@ -1,0 +1,1 @@
+"""PINN support: forward Laplacian, PINN curvature, PINN optimizers."""

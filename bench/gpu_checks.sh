@@ -31,7 +31,7 @@ run() {  # run NAME SECONDS COMMAND...: the command's output in $OUT/NAME.log, i
 
 # 1. kernels, MAC's fused update (attention included) and the compiled/graphed step vs references
 run cuda_tests 120 python3 -m pytest -q -m cuda -p no:cacheprovider \
-    tests/test_kernels_triton.py tests/test_mac_kernel.py tests/test_compiled_step.py
+    tests/kernels/test_triton.py tests/kernels/test_mac_update.py tests/optimizer/test_compiled_step.py
 # 2. kernel microbenchmarks against torch's own ops (TFLOP/s and GB/s columns)
 run kernel_bench 60 python3 -m pytest -q -p no:cacheprovider -s bench/kernels/test_bench_kernels.py
 # 3. per-step time and memory of SGD/AdamW/EKFAC/K-FAC/MAC on the autoencoder, VGG11 and the MLP stack

@@ -75,7 +75,7 @@ def test_unregistered_kind_is_reported_and_left_plain():
     assert "no layer adapter for TransposedLinear" in opt.plain_update_report()["0"]
 
 
-@pytest.mark.parametrize("compile_step", [False, True])
+@pytest.mark.parametrize("compile_step", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_registered_kind_follows_the_linear_trajectory(registered, compile_step):
     custom, plain = _pair()
     settings = dict(lr=0.05, damping=1e-2, eigen_every=2, weight_decay=1e-3)

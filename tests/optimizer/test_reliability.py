@@ -16,13 +16,13 @@ from torch import Tensor, nn
 
 from ekfac_triton import EKFAC, KFAC, Preconditioner, load_checkpoint, save_checkpoint
 from ekfac_triton import ops
+from tests.helpers import curvature_tensors, make_mlp
 
 DTYPE = torch.float64
 
 
 def mlp(width: int = 6, dtype: torch.dtype = DTYPE, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 3)).to(dtype)
+    return make_mlp([4, width, 3], seed=seed, dtype=dtype)
 
 
 def batch(step: int, dtype: torch.dtype = DTYPE, n: int = 16) -> tuple[Tensor, Tensor]:
@@ -42,10 +42,7 @@ def snapshot(model: nn.Module, opt: EKFAC) -> list[Tensor]:
     """Every tensor the optimizer's step may change, cloned."""
     tensors = [p.detach().clone() for p in model.parameters()]
     tensors += [s["momentum_buffer"].clone() for s in opt.state.values() if "momentum_buffer" in s]
-    for layer in opt.preconditioner.layers:
-        c = layer.curvature
-        tensors += [t.clone() for t in (c.in_factor, c.out_factor, c.scaling, c.q_in, c.q_out) if t is not None]
-    return tensors
+    return tensors + [t.clone() for t in curvature_tensors(opt)]
 
 
 def same(a: list[Tensor], b: list[Tensor]) -> bool:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ekfac_triton import EKFAC
 from ekfac_triton.curvature import Curvature, CurvatureOptions
+from tests.helpers import make_mlp
 
 DTYPE = torch.float64
 
@@ -82,8 +83,7 @@ class ScaledGradient(Curvature):
 
 # -- its tests --------------------------------------------------------------------------------------
 def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(DTYPE)
+    return make_mlp([5, 8, 3], dtype=DTYPE)
 
 
 def test_custom_curvature_with_its_own_option_matches_sgd():

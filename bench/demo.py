@@ -151,6 +151,8 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="OPT.PARAM=VALUE",
                    help="override a hyperparameter, e.g. --set ekfac.lr=0.3 (repeatable)")
+    p.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="save a crash-safe checkpoint of each run at every evaluation into this folder")
     p.add_argument("--quick", action="store_true",
                    help="tiny smoke run: 2,048 images, batch <= 128, <= 12 steps, <= 10 s each")
     a = p.parse_args(argv)
@@ -163,7 +165,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
         p.error("give a --budget-seconds > 0 or --steps")
     config = DemoConfig(optimizers=optimizers, budget_seconds=budget, steps=a.steps, batch_size=a.batch_size,
                         device=a.device, seed=a.seed, out=a.out, threads=a.threads,
-                        overrides=parse_overrides(a.overrides))
+                        overrides=parse_overrides(a.overrides), checkpoint_dir=a.checkpoint_dir)
     return quick_config(config) if a.quick else config
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ekfac_triton import EKFAC
+from ekfac_triton import EKFAC, save_checkpoint
 
 from .experiments import Task
 from .optimizers import make_optimizer
@@ -82,6 +83,9 @@ class Settings:
     eval_points: int = 60
     eval_every_steps: int | None = None
     quick: bool = False
+    #: save a crash-safe checkpoint (ekfac_triton.save_checkpoint) of each run at every
+    #: evaluation, as ``<dir>/<task>-<optimizer>.pt``; None: no checkpoints
+    checkpoint_dir: Path | None = None
 
     @property
     def limit(self) -> str:
@@ -131,9 +135,16 @@ def train_run(task: Task, name: str, hparams: Mapping[str, Any], settings: Setti
     budget = settings.budget_seconds
     eval_seconds, eval_steps = settings.eval_every()
 
+    checkpoint = None
+    if settings.checkpoint_dir is not None:
+        settings.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = settings.checkpoint_dir / f"{task.name}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', run.label)}.pt"
+
     def evaluate() -> None:
         run.evals.append(dict(step=run.steps, wall_s=run.train_seconds, train_loss=task.train_loss(model),
                               test_metric=task.test_metric(model)))
+        if checkpoint is not None:  # off the clock, like the evaluation; atomic, so a crash keeps the last one
+            save_checkpoint(checkpoint, model=model, optimizer=optimizer, extra=dict(step=run.steps))
 
     def done() -> bool:
         return ((settings.steps is not None and run.steps >= settings.steps)

@@ -110,6 +110,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--eval-points", type=int, default=60, help="evaluations per run (default 60)")
     p.add_argument("--list", action="store_true", help="print experiments, default hyperparameters, grids")
+    p.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="save a crash-safe checkpoint of each run at every evaluation into this folder")
     a = p.parse_args(argv)
     if a.list:
         print(list_experiments())
@@ -135,7 +137,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         p.error("give a --budget-seconds > 0 or --steps")
     return Config(experiment=a.experiment, optimizers=optimizers, device=a.device, budget_seconds=budget,
                   steps=steps, seed=a.seed, quick=a.quick, grid=a.grid, out=a.out, threads=a.threads,
-                  eval_points=eval_points)
+                  eval_points=eval_points, checkpoint_dir=a.checkpoint_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,7 @@ CUDA graphs on CUDA), for SGD and EKFAC on the autoencoder and the MLP stack of 
 
 Modes: ``eager``; ``compiled``: the *model* (``torch.compile(model)``: forward and backward,
 with EKFAC's capture traced into the graph, no graph break), the step eager; ``compiled+step``:
-also the step (EKFAC: ``compile_step=True``, :mod:`ekfac_triton.compiled_step`; SGD:
+also the step (EKFAC: ``compile_step=True``, :mod:`ekfac_triton.step.execution`; SGD:
 ``torch.compile(opt.step)``); ``reduce-overhead`` (CUDA only): both with
 ``mode="reduce-overhead"`` (CUDA graphs; EKFAC's capture op is tagged ``cudagraph_unsafe``, so
 inductor graphs around it; EKFAC's ordinary steps are graphed, refresh steps run eagerly).

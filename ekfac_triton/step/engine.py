@@ -183,7 +183,7 @@ class StepEngine:
         plan = self._plan_directions(grads, examples, damping_of, fused, mask)
         tx.before_update(t for job in plan.jobs if job is not None for t in _mutated(job))
         plan.transaction = tx
-        plan.host_check = self.execution.checks_at_commit(self._special)
+        plan.host_check = self.execution.checks_at_end(self._special)
         return plan
 
     def check(self, plan: StepPlan, directions: Sequence[Tensor] = ()) -> bool:

@@ -79,12 +79,12 @@ class Eager:
 
     def checks_early(self, special_step: bool) -> bool:
         """Whether the input check is decided on the host before the statistics phases (else
-        at the step's commit). A special step refreshes or installs a basis, or (compiled)
+        at the step's check). A special step refreshes or installs a basis, or (compiled)
         makes a first EMA update."""
         return special_step
 
-    def checks_at_commit(self, special_step: bool) -> bool:
-        """Whether the step's commit checks inputs and produced values on the host."""
+    def checks_at_end(self, special_step: bool) -> bool:
+        """Whether the step's final check (inputs, produced values) is decided on the host."""
         return True
 
     def mark_static(self, *tensors: Tensor | None) -> None:
@@ -169,7 +169,7 @@ class Compiled(Eager):
     def finite_flag(self, finite: Tensor) -> Tensor:
         return finite
 
-    def checks_at_commit(self, special_step: bool) -> bool:
+    def checks_at_end(self, special_step: bool) -> bool:
         return special_step
 
     def mark_static(self, *tensors: Tensor | None) -> None:

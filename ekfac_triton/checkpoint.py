@@ -64,6 +64,7 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
     state = {"format": FORMAT, "model": None if model is None else model.state_dict(),
              "optimizer": None if optimizer is None else optimizer.state_dict(),
              "rng": _rng_state() if rng else None, "extra": extra}
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -83,6 +84,18 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
     finally:
         os.close(fd)
     return path
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files of earlier writers of ``path`` that died mid-write (kill -9)."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            pid = int(tmp.name[len(path.name) + 2:-len(".tmp")])
+            os.kill(pid, 0)  # raises if no such process
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, PermissionError, OSError):
+            continue  # not ours, or a live writer
 
 
 def load_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,

@@ -194,11 +194,13 @@ class DataParallel:
         self.world_size = dist.get_world_size(process_group)
         self.costs = list(costs)
         self.device = device
-        #: cumulative estimated cost of the decompositions each rank has been given (not saved in
-        #: state_dicts: it decides only which rank computes a basis, never its value)
+        #: cumulative estimated cost of the decompositions each rank has been given (saved, so a
+        #: resumed run assigns the same owners; it decides which rank computes a basis, never its value)
         self.loads = [0.0] * self.world_size
         #: asynchronous refreshes submitted on the last step: layer index -> owner rank
         self.in_flight: dict[int, int] = {}
+        #: of those, the ones that warm-start from the layer's basis (for a resumed run's resubmit)
+        self.in_flight_warm: dict[int, bool] = {}
 
     def _global_rank(self, rank: int) -> int:
         if self.group is None or self.group is dist.group.WORLD:
@@ -293,6 +295,8 @@ class DataParallel:
         shared_now: dict[int, int] = {}  # synchronous refreshes to broadcast: layer -> owner
         for r in requests:
             (shared_now if r.synchronous else self.in_flight)[r.index] = owners[r.index]
+            if not r.synchronous:
+                self.in_flight_warm[r.index] = r.warm is not None
             if owners[r.index] != self.rank:
                 continue
             if r.synchronous:
@@ -311,12 +315,32 @@ class DataParallel:
             return {}
         eigen.wait()
         shared = self.share(self.in_flight, eigen.collect(), {i: factors_of(i) for i in self.in_flight})
-        self.in_flight = {}
+        self.in_flight, self.in_flight_warm = {}, {}
         return shared
 
     def cancel(self, eigen: EigenEngine) -> None:
         eigen.cancel()
-        self.in_flight = {}
+        self.in_flight, self.in_flight_warm = {}, {}
+
+    # -- resume ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, dict[int, object]]:
+        """The refreshes in flight (owner and warm start per layer): their results live on the
+        owner ranks only, so a resumed run recomputes them (:meth:`resubmit`)."""
+        return {"in_flight": dict(self.in_flight), "warm": dict(self.in_flight_warm), "loads": list(self.loads)}
+
+    def resubmit(self, state: dict[str, dict[int, object]], eigen: EigenEngine,
+                 request_of: Callable[[int, bool], RefreshRequest]) -> None:
+        """After a load: submit again, on their owners, the refreshes that were in flight at the
+        save, from the loaded factors (unchanged since they were submitted) and bases, so they
+        are shared at the next step exactly as in the run that saved."""
+        if len(state.get("loads", self.loads)) == self.world_size:
+            self.loads = [float(x) for x in state.get("loads", self.loads)]
+        self.in_flight = {int(i): int(owner) for i, owner in state["in_flight"].items()}
+        self.in_flight_warm = {int(i): bool(w) for i, w in state["warm"].items()}
+        for index, owner in self.in_flight.items():
+            if owner == self.rank:
+                r = request_of(index, self.in_flight_warm.get(index, False))
+                eigen.submit(index, r.in_factor, r.out_factor, r.warm)
 
 
 def _by_dtype_index(indices: Sequence[int], factors: dict[int, tuple[Tensor, Tensor]]) -> dict[torch.dtype, list[int]]:

@@ -240,6 +240,8 @@ class EKFAC(torch.optim.Optimizer):
         if plan is None:
             return
         fused = [layer for layer, job in zip(plan.layers, plan.jobs) if job is None]
+        stateless = [p for p in group_of if p not in self.state]  # momentum buffers the step may create
+        plan.transaction.on_rollback(lambda: [self.state.pop(p, None) for p in stateless])
         try:
             groups, jobs, layouts, lr_at = self._updates(plan, group_of,
                                                          {p for layer in fused for p in layer.adapter.params})

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .backend import resolve_backend
 from .capture import LayerCapture
 from .config import PreconditionerConfig, argument_docs, check_damping, check_lr
-from .curvature import CURVATURES, Curvature, LayerShape
+from .curvature import CURVATURES, Curvature, LayerShape, RefreshRequest
 from .discovery import discover
 from .distributed import DataParallel, SingleProcess, resolve_process_group, unwrap_model
 from .eigen_engine import EigenEngine
@@ -234,16 +234,24 @@ class Preconditioner(StepEngine):
     def state_dict(self) -> dict[str, Any]:
         """Step counts and every layer's curvature state (references, as torch optimizers do),
         and the eigen engine's: asynchronous refreshes in flight are waited for and saved with
-        their results (data-parallel ones are not: they are dropped on load)."""
+        their results (data-parallel ones by owner and warm start: a resumed run recomputes them
+        from the saved factors on their owners)."""
         return {
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
             "layers": [{"name": layer.name, **layer.curvature.state_dict()} for layer in self.layers],
             "fisher": self.fisher,
             "generator": self.generator.get_state(),
-            # data-parallel refreshes in flight live on their owner rank only: not saved
+            # data-parallel refreshes in flight live on their owner rank only: recomputed on resume
             "eigen": self.eigen.state_dict(pending=self.distributed is None),
+            **({"distributed": self.distributed.state_dict()} if self.distributed and self.distributed.in_flight
+               else {}),
         }
+
+    def _in_flight_request(self, index: int, warm: bool) -> Any:
+        """The refresh request of layer ``index`` as it was submitted (its counts already taken)."""
+        curv = self.layers[index].curvature
+        return RefreshRequest(index, curv.in_factor, curv.out_factor, (curv.q_in, curv.q_out) if warm else None, False)
 
     def check_state_dict(self, state: dict[str, Any]) -> None:
         """Raise ``ValueError`` (naming the layer and the field) unless :meth:`load_state_dict`
@@ -277,6 +285,8 @@ class Preconditioner(StepEngine):
             self.generator.set_state(state["generator"])
         if "eigen" in state:  # warm-start counts and refreshes in flight (saved since the step redesign)
             self.eigen.load_state_dict(state["eigen"], self.device)
+        if self.distributed is not None and "distributed" in state:
+            self.distributed.resubmit(state["distributed"], self.eigen, self._in_flight_request)
         self.execution.reset_device_skips()  # the loaded count includes the device-counted skips
         self._arm_capture()
 

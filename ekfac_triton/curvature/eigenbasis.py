@@ -261,10 +261,14 @@ class EigenbasisCurvature(Curvature):
 
     def install(self, result: Decomposition) -> str | None:
         """Install a finished decomposition; returns its failure note, if any."""
+        had_basis = self.has_basis
         installed = self.install_basis(result.new_in, result.new_out)
         if not result.note:
             return None
-        return result.note + ("" if installed else "; keeping the previous basis")
+        if installed:
+            return result.note
+        return result.note + ("; keeping the previous basis" if had_basis else
+                              "; using the identity basis with the factors' diagonals (a diagonal approximation)")
 
     def installs_in_place(self) -> tuple[Tensor, ...]:
         if not self.install_in_place:

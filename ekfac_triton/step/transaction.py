@@ -12,7 +12,7 @@ installed eigenvalues, directions) are not finite, and on any exception raised i
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import Tensor
@@ -32,12 +32,18 @@ class Transaction:
         self._eigen, self._eigen_state = eigen, eigen.snapshot()
         self._distribution = distribution
         self._in_flight = dict(getattr(distribution, "in_flight", {}))
+        self._in_flight_warm = dict(getattr(distribution, "in_flight_warm", {}))
         self._clones: list[tuple[Tensor, Tensor]] = []
         self._seen: set[int] = set()
         #: tensors the step produced, checked for finiteness before it commits
         self.produced: list[Tensor] = []
         #: device flags of input checks not yet decided on the host
         self.inputs: list[Tensor] = []
+        self._undo: list[Callable[[], None]] = []
+
+    def on_rollback(self, undo: Callable[[], None]) -> None:
+        """Call ``undo`` on rollback (e.g. to drop state entries the step created)."""
+        self._undo.append(undo)
 
     def before_update(self, tensors: Iterable[Tensor | None]) -> None:
         """Keep a clone of each tensor about to be updated in place (once per step)."""
@@ -51,10 +57,13 @@ class Transaction:
         its attributes, the engine its counters."""
         for tensor, clone in reversed(self._clones):
             tensor.copy_(clone)
+        for undo in reversed(self._undo):
+            undo()
         for curv, attributes in self._curvatures:
             vars(curv).clear()
             vars(curv).update(attributes)
         self._eigen.restore(self._eigen_state)
         if hasattr(self._distribution, "in_flight"):
             self._distribution.in_flight = self._in_flight
+            self._distribution.in_flight_warm = self._in_flight_warm
         self._clones.clear()

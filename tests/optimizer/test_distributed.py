@@ -181,27 +181,28 @@ def scenario_nan_on_one_rank(rank: int) -> dict:
             "skipped": opt.preconditioner.skipped_steps, "steps": opt.preconditioner.steps}
 
 
-def scenario_save_on_rank0_load_on_all(rank: int, tmp: str) -> dict:
+def scenario_save_on_rank0_load_on_all(rank: int, tmp: str, save_after: int = 5, **settings) -> dict:
     part = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
     model = make_model("conv")
     ddp = DDP(model)
-    opt = EKFAC(ddp, **KWARGS)
-    train(ddp, opt, "conv", range(5), part)
+    opt = EKFAC(ddp, **KWARGS, **settings)
+    train(ddp, opt, "conv", range(save_after), part)
+    in_flight = len(opt.preconditioner.distributed.in_flight)
     if rank == 0:
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, f"{tmp}/checkpoint.pt")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, f"{tmp}/checkpoint-{save_after}.pt")
     dist.barrier()
-    train(ddp, opt, "conv", range(5, STEPS), part)
+    train(ddp, opt, "conv", range(save_after, STEPS), part)
 
     resumed = make_model("conv", seed=123)
     ddp2 = DDP(resumed)
-    opt2 = EKFAC(ddp2, **KWARGS)
-    saved = torch.load(f"{tmp}/checkpoint.pt")
+    opt2 = EKFAC(ddp2, **KWARGS, **settings)
+    saved = torch.load(f"{tmp}/checkpoint-{save_after}.pt")
     resumed.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["opt"])
-    train(ddp2, opt2, "conv", range(5, STEPS), part)
+    train(ddp2, opt2, "conv", range(save_after, STEPS), part)
     return {"params": [p.detach().clone() for p in model.parameters()],
             "resumed": [p.detach().clone() for p in resumed.parameters()],
-            "state": snapshot(opt), "resumed_state": snapshot(opt2)}
+            "state": snapshot(opt), "resumed_state": snapshot(opt2), "in_flight": in_flight}
 
 
 def scenario_asynchronous(rank: int) -> dict:
@@ -237,6 +238,9 @@ CASES = {
     "uneven": (scenario_uneven, {}),
     "nan": (scenario_nan_on_one_rank, {}),
     "checkpoint": (scenario_save_on_rank0_load_on_all, {}),
+    # eigen_every=3, all layers at offset 0: step 6 submits every refresh, the save follows it
+    "checkpoint-asynchronous": (scenario_save_on_rank0_load_on_all,
+                                dict(save_after=7, synchronous=False, stagger=False)),
     "asynchronous": (scenario_asynchronous, {}),
 }
 
@@ -357,6 +361,18 @@ def test_checkpoint_saved_on_rank0_and_loaded_on_all_resumes_exactly(ranks):
             assert torch.equal(p, q), f"rank {rank}: parameter {i} after resuming differs"
         assert_same_state(r["resumed_state"], r["state"], f"rank {rank}, resumed vs uninterrupted")
     assert_same_state(ranks[0]["state"], ranks[1]["state"], "rank 0 vs rank 1")
+
+
+@pytest.mark.slow
+def test_resume_with_asynchronous_refreshes_in_flight_is_exact(ranks):
+    """Refreshes in flight at the save live on their owners: the resumed run recomputes them from
+    the saved factors and shares them at the same step as the run that saved."""
+    ranks = case(ranks, "checkpoint-asynchronous")
+    assert all(r["in_flight"] > 0 for r in ranks), "the test needs refreshes in flight at the save"
+    for rank, r in enumerate(ranks):
+        for i, (p, q) in enumerate(zip(r["resumed"], r["params"])):
+            assert torch.equal(p, q), f"rank {rank}: parameter {i} after resuming differs"
+        assert_same_state(r["resumed_state"], r["state"], f"rank {rank}, resumed vs uninterrupted")
 
 
 @pytest.mark.slow

@@ -288,3 +288,41 @@ def test_failed_eigendecomposition_worker_keeps_the_basis(monkeypatch):
         train(model, opt, range(2, 6))
     assert all(torch.equal(b, layer.curvature.q_out) for b, layer in zip(bases, opt.preconditioner.layers))
     assert opt.preconditioner.steps == 6
+
+
+def test_undone_first_step_creates_no_optimizer_state(monkeypatch):
+    """Momentum buffers are created by the step's update: an undone first step leaves none."""
+    model = mlp()
+    opt = EKFAC(model)
+    x, y = batch(0)
+    nn.functional.cross_entropy(model(x), y).backward()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ops, "precondition", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        opt.step()
+    assert opt.preconditioner.steps == 0 and opt.state_dict()["state"] == {}
+
+
+def test_failed_first_eigendecomposition_says_it_uses_the_identity(monkeypatch):
+    model = mlp()
+    opt = EKFAC(model)
+
+    def failing(*args, **kwargs):
+        raise torch.linalg.LinAlgError("injected")
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing)
+    with pytest.warns(RuntimeWarning, match="identity basis"):
+        train(model, opt, range(1))
+    q_in = opt.preconditioner.layers[0].curvature.q_in
+    assert torch.equal(q_in, torch.eye(q_in.shape[0], dtype=q_in.dtype))
+
+
+def test_temporary_files_of_killed_writers_are_removed(tmp_path):
+    model = mlp()
+    stale = tmp_path / ".run.pt.999999999.tmp"  # a writer that died mid-write (no such process)
+    stale.write_bytes(b"half")
+    save_checkpoint(tmp_path / "run.pt", model=model)
+    assert [p.name for p in tmp_path.iterdir()] == ["run.pt"]

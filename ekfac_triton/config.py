@@ -89,7 +89,10 @@ class StatisticsConfig:
                                           "preconditioning arithmetic), ``torch.float32`` or ``torch.float64``; "
                                           "None: the factors' dtype.")
     grad_scaler: Any = doc("the ``torch.amp.GradScaler`` whose scaled loss is backpropagated (fp16 training), or "
-                           "None. The captured output-gradients carry its scale, which the statistics divide out.")
+                           "None. The captured output-gradients carry its scale, which the statistics divide out. "
+                           "With it, ``scaler.step(opt)`` always calls ``EKFAC.step`` (torch's "
+                           "``_step_supports_amp_scaling`` protocol): a step in which the scaler found inf/NaN is "
+                           "skipped with the state untouched, and gradients not yet unscaled are unscaled there.")
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -167,7 +170,7 @@ AXES: tuple[type, ...] = (StatisticsConfig, EigenConfig, FisherConfig)
 
 
 def _docs_of(cls: type) -> dict[str, str]:
-    return {f.name: f.metadata["doc"] for f in fields(cls) if "doc" in f.metadata}
+    return {f.name: f"{f.metadata['doc']} Default: ``{f.default!r}``." for f in fields(cls) if "doc" in f.metadata}
 
 
 def _options_docs(options: type[CurvatureOptions]) -> dict[str, str]:

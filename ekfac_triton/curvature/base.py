@@ -19,6 +19,7 @@ the class itself as ``curvature=`` (or register its name in :data:`ekfac_triton.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
@@ -212,6 +213,14 @@ class Curvature(ABC):
         if state.get("curvature", self.name) != self.name:
             raise ValueError(f"Invalid state_dict: layer {layer!r} has curvature={state.get('curvature')!r} state, "
                              f"this optimizer uses {self.name!r}")
+        saved = state.get("options")  # absent in states saved before the step redesign
+        ours = dataclasses.asdict(self.options) if hasattr(self, "options") else {}
+        if saved is not None:
+            differ = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+            if differ:
+                raise ValueError(f"Invalid state_dict: layer {layer!r} was saved with "
+                                 f"{', '.join(f'{k}={saved.get(k)!r}' for k in differ)}, this optimizer uses "
+                                 f"{', '.join(f'{k}={ours.get(k)!r}' for k in differ)}")
 
     @staticmethod
     def check_tensor(layer: str, field: str, value: Any, shape: tuple[int, ...] | None, dtype: torch.dtype) -> None:

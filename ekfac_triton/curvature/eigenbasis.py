@@ -16,6 +16,8 @@ Fisher, 1 for the empirical one).
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -347,6 +349,7 @@ class EigenbasisCurvature(Curvature):
         state: dict[str, Any] = {k: getattr(self, k) for k in self._TENSORS}
         state.update({k: getattr(self, k) for k in self._COUNTS})
         state["curvature"] = self.name
+        state["options"] = dataclasses.asdict(self.options)
         state["scaling_mode"] = self.scaling_mode
         return state
 

@@ -27,6 +27,8 @@ R by ``(C + ρI)⁻¹`` (no ρ factor, never refreshed), C the mean of x̃x̃ᵀ
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -225,6 +227,7 @@ class MACCurvature(Curvature):
         state: dict[str, Any] = {k: getattr(self, k) for k in self._TENSORS}
         state.update({k: getattr(self, k) for k in self._COUNTS})
         state["curvature"] = self.name
+        state["options"] = dataclasses.asdict(self.options)
         return state
 
     def check_state(self, state: dict[str, Any], layer: str) -> None:

@@ -326,3 +326,33 @@ def test_temporary_files_of_killed_writers_are_removed(tmp_path):
     stale.write_bytes(b"half")
     save_checkpoint(tmp_path / "run.pt", model=model)
     assert [p.name for p in tmp_path.iterdir()] == ["run.pt"]
+
+
+def test_load_refuses_other_curvature_options():
+    from ekfac_triton import TEKFAC
+
+    model = mlp()
+    opt = TEKFAC(model, effective_damping=True)
+    train(model, opt, range(2))
+    other_model = mlp()
+    other = TEKFAC(other_model)
+    before = snapshot(other_model, other)
+    with pytest.raises(ValueError, match="effective_damping=True"):
+        other.load_state_dict(opt.state_dict())
+    assert same(snapshot(other_model, other), before)
+
+
+@pytest.mark.slow
+def test_resume_of_the_compiled_step_is_exact():
+    settings = dict(lr=0.1, eigen_every=2, compile_step=True)
+    model_a, model_b = mlp(), mlp()
+    opt_a, opt_b = EKFAC(model_a, **settings), EKFAC(model_b, **settings)
+    train(model_a, opt_a, range(8))
+    train(model_b, opt_b, range(4))
+    saved = copy.deepcopy((model_b.state_dict(), opt_b.state_dict()))
+    model_c = mlp(seed=9)
+    opt_c = EKFAC(model_c, **settings)
+    model_c.load_state_dict(saved[0])
+    opt_c.load_state_dict(saved[1])
+    train(model_c, opt_c, range(4, 8))
+    assert same(snapshot(model_c, opt_c), snapshot(model_a, opt_a))

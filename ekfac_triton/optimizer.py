@@ -105,9 +105,10 @@ class EKFAC(torch.optim.Optimizer):
     def _compile(self, options: dict[str, Any]) -> None:
         """Run the step's tensor work compiled (checking first that it covers this optimizer)."""
         pre = self._preconditioner
-        if pre.config.curvature not in ("ekfac", "kfac", "tekfac"):
+        if not pre.config.curvature_class.compiles:
             raise ValueError(f"Invalid compile_step with curvature={pre.config.curvature!r}: the compiled step "
-                             "covers 'ekfac', 'kfac' and 'tekfac' (MAC has its own fused Triton update)")
+                             "covers the curvatures whose jobs trace under torch.compile: 'ekfac', 'kfac' and "
+                             "'tekfac' (MAC has its own fused Triton update)")
         if pre.distributed is not None:
             raise ValueError("Invalid compile_step with a process group: the compiled step is single-process")
         if pre.fisher != "empirical":

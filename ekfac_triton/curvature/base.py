@@ -146,6 +146,8 @@ class Curvature(ABC):
     #: whether the statistics read only the layer inputs (then layer kinds whose output-gradients
     #: do not factor, such as depthwise convolutions, can be supported)
     inputs_only: ClassVar[bool] = False
+    #: whether the compiled step covers this curvature (its jobs trace under torch.compile)
+    compiles: ClassVar[bool] = False
 
     shape: LayerShape
 

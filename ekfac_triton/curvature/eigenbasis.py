@@ -172,6 +172,7 @@ class EigenbasisCurvature(Curvature):
 
     #: whether S is estimated (EKFAC, TEKFAC) rather than derived from the eigenvalues (K-FAC)
     estimates_scaling: ClassVar[bool] = True
+    compiles: ClassVar[bool] = True
     #: the factor rows' weights (TEKFAC's trace weights), or None
     row_weights: ClassVar[RowWeights | None] = None
 

@@ -151,6 +151,4 @@ def _deep_clone(value: Any) -> Any:
         return {k: _deep_clone(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(_deep_clone(v) for v in value)
-    if isinstance(value, torch.Generator):
-        return value
     return value

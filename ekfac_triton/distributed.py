@@ -161,13 +161,8 @@ class SingleProcess:
                 ) -> dict[int, Decomposition]:
         """Run the due decompositions: the synchronous ones now (returned for installing), the
         others on the engine's worker."""
-        results = {}
-        for r in requests:
-            if r.synchronous:
-                results[r.index] = eigen.decompose(r.in_factor, r.out_factor, r.warm)
-            else:
-                eigen.submit(r.index, r.in_factor, r.out_factor, r.warm)
-        return results
+        results = {r.index: _run(r, eigen) for r in requests}
+        return {index: result for index, result in results.items() if result is not None}
 
     def finished(self, eigen: EigenEngine, factors_of: Callable[[int], tuple[Tensor, Tensor]],
                  ) -> dict[int, Decomposition]:
@@ -177,6 +172,20 @@ class SingleProcess:
     def cancel(self, eigen: EigenEngine) -> None:
         """Drop the refreshes in flight (a state_dict is being loaded)."""
         eigen.cancel()
+
+    def snapshot(self) -> None:
+        """What a step may change here (nothing: :mod:`ekfac_triton.step.transaction`)."""
+
+    def restore(self, snapshot: None) -> None:
+        pass
+
+
+def _run(request: RefreshRequest, eigen: EigenEngine) -> Decomposition | None:
+    """Decompose ``request`` now (synchronous: the result) or hand it to the worker (None)."""
+    if request.synchronous:
+        return eigen.decompose(request.in_factor, request.out_factor, request.warm)
+    eigen.submit(request.index, request.in_factor, request.out_factor, request.warm)
+    return None
 
 
 class DataParallel:
@@ -297,12 +306,9 @@ class DataParallel:
             (shared_now if r.synchronous else self.in_flight)[r.index] = owners[r.index]
             if not r.synchronous:
                 self.in_flight_warm[r.index] = r.warm is not None
-            if owners[r.index] != self.rank:
-                continue
-            if r.synchronous:
-                results[r.index] = eigen.decompose(r.in_factor, r.out_factor, r.warm)
-            else:
-                eigen.submit(r.index, r.in_factor, r.out_factor, r.warm)
+            result = _run(r, eigen) if owners[r.index] == self.rank else None
+            if result is not None:
+                results[r.index] = result
         if not shared_now:
             return {}
         return self.share(shared_now, results, {r.index: (r.in_factor, r.out_factor) for r in requests
@@ -322,6 +328,13 @@ class DataParallel:
         eigen.cancel()
         self.in_flight, self.in_flight_warm = {}, {}
 
+    def snapshot(self) -> tuple[dict[int, int], dict[int, bool]]:
+        """What a step may change here: the refreshes in flight (for the step's transaction)."""
+        return dict(self.in_flight), dict(self.in_flight_warm)
+
+    def restore(self, snapshot: tuple[dict[int, int], dict[int, bool]]) -> None:
+        self.in_flight, self.in_flight_warm = dict(snapshot[0]), dict(snapshot[1])
+
     # -- resume ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, dict[int, object]]:
         """The refreshes in flight (owner and warm start per layer): their results live on the
@@ -339,8 +352,7 @@ class DataParallel:
         self.in_flight_warm = {int(i): bool(w) for i, w in state["warm"].items()}
         for index, owner in self.in_flight.items():
             if owner == self.rank:
-                r = request_of(index, self.in_flight_warm.get(index, False))
-                eigen.submit(index, r.in_factor, r.out_factor, r.warm)
+                _run(request_of(index, self.in_flight_warm.get(index, False)), eigen)
 
 
 def _by_dtype_index(indices: Sequence[int], factors: dict[int, tuple[Tensor, Tensor]]) -> dict[torch.dtype, list[int]]:

@@ -95,11 +95,12 @@ def precondition(grad: Tensor, q_out: Tensor, q_in: Tensor, scaling: Tensor, dam
     beta, alpha_n = batch_update
     if _fused(finite, beta, alpha_n):
         return fn(grad, q_out, q_in, scaling, damping, batch_update=(beta, alpha_n, 1))
-    # the kernel's epilogue takes its EMA weights as constants: plain tensor code here
-    projected = q_out.T @ grad @ q_in
-    updated = scaling * beta + projected.square() * alpha_n
+    # the kernel's epilogue takes its EMA weights as constants: the reference on a copy of S,
+    # committed where finite
+    updated = scaling.clone()
+    direction = kernels.precondition_reference(grad, q_out, q_in, updated, damping, batch_update=(beta, alpha_n, 1))
     commit(scaling, updated, finite)
-    return q_out @ (projected / (updated + damping)) @ q_in.T
+    return direction
 
 
 def moment_update(params: Sequence[Tensor], directions: Sequence[Tensor], buffers: Sequence[Tensor | None], *,
@@ -117,19 +118,18 @@ def moment_update(params: Sequence[Tensor], directions: Sequence[Tensor], buffer
             for p in params:
                 commit(p, p * shrink, finite)
         weight_decay = 0.0
+    fn = kernels.moment_update if backend == "triton" else kernels.moment_update_reference
     if finite is None:
-        fn = kernels.moment_update if backend == "triton" else kernels.moment_update_reference
         fn(params, directions, buffers, lr=lr, momentum=momentum, weight_decay=weight_decay, scales=scales)
         return
-    # masked (compiled step): the reference's formula, each state committed where finite
-    for p, d, m, nu in zip(params, directions, buffers, scales):
-        u = d.to(p.dtype) if nu is None else d.to(p.dtype) * nu.to(p.dtype)
-        if weight_decay != 0.0:
-            u = u + p * weight_decay
-        if momentum != 0.0:
-            u = m * momentum + u
-            commit(m, u, finite)
-        commit(p, p - u * lr, finite)
+    # masked (compiled step): the reference's formula on copies, each state committed where finite
+    new_params = [p.clone() for p in params]
+    new_buffers = [None if m is None or momentum == 0.0 else m.clone() for m in buffers]
+    kernels.moment_update_reference(new_params, directions, new_buffers, lr=lr, momentum=momentum,
+                                    weight_decay=weight_decay, scales=scales)
+    for state, new in zip([*params, *buffers], [*new_params, *new_buffers]):
+        if new is not None:
+            commit(state, new, finite)
 
 
 def mac_update(weight: Tensor, weight_grad: Tensor, weight_buffer: Tensor | None, bias: Tensor | None,

@@ -18,7 +18,7 @@ from .layers import weight_and_bias
 from .layers.base import MatrixLayout
 from .preconditioner import PreconditionedLayer, Preconditioner
 from .step import maths
-from .step.engine import StepPlan, state_tensors
+from .step.engine import StepPlan
 from .step.execution import Compiled, compile_options
 
 class EKFAC(torch.optim.Optimizer):
@@ -250,7 +250,6 @@ class EKFAC(torch.optim.Optimizer):
             plan.transaction.before_update(
                 t for p in group_of if p.grad is not None
                 for t in (p, self.state[p].get("momentum_buffer") if p in self.state else None))
-            pre.execution.mark_static(*[t for job in jobs for t in state_tensors(job)])
             if not pre.execution.apply_update(pre, plan, jobs, layouts, groups, pre.config.kl_clip, lr_at,
                                               self.decoupled_weight_decay):
                 return

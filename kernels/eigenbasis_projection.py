@@ -262,14 +262,15 @@ def precondition_reference(grad: Tensor, q_out: Tensor, q_in: Tensor, scaling: T
         scaling: S, (d_out, d_in̄); updated in place when ``batch_update`` is given.
         damping: λ, a float or a 0-dim tensor (no host sync needed).
         batch_update: ``(beta, alpha, n)``: first set ``S <- beta*S + alpha*n*P²`` (EKFAC's
-            ``batch`` scaling estimator), then divide by the updated S.
+            ``batch`` scaling estimator), then divide by the updated S; beta and alpha may be
+            0-dim tensors (the compiled step's scalars).
     """
     _check_precondition_args(grad, q_out, q_in, scaling)
     projected = q_out.T @ grad @ q_in
     if batch_update is not None:
         beta, alpha, n = batch_update
         update = projected.square().mul_(alpha * n)
-        if beta == 0.0:
+        if not isinstance(beta, Tensor) and beta == 0.0:  # a tensor beta (compiled step) is applied as is
             scaling.copy_(update)
         else:
             scaling.mul_(beta).add_(update)

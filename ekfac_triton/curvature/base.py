@@ -204,11 +204,6 @@ class Curvature(ABC):
                       scalars: list[float]) -> Any:
         """The job whose ``run`` returns the preconditioned direction of the (d_out, d_in̄) matrix."""
 
-    def precondition(self, grad: Tensor, damping: float, num_examples: int, decay: float) -> Tensor:
-        """The preconditioned direction, eagerly (one :meth:`direction_job`, run at once)."""
-        scalars: list[float] = []
-        return self.direction_job(grad, damping, num_examples, decay, scalars).run(scalars, None, self.backend)
-
     def check_state(self, state: dict[str, Any], layer: str) -> None:
         """Raise ``ValueError`` naming ``layer`` and the field if :meth:`load_state_dict` would
         not accept ``state`` exactly (checked for every layer before any is loaded)."""

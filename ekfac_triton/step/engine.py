@@ -32,6 +32,7 @@ from ..eigen_engine import Decomposition, EigenEngine
 from ..layers import LayerAdapter, LayerBatch
 from . import maths
 from .execution import Eager
+from .jobs import mutated, state_tensors
 from .transaction import Transaction
 
 
@@ -162,7 +163,7 @@ class StepEngine:
         checked = self._check(tx, grads, batches, also_check, examples)
         if checked is None:
             return None
-        finite, examples, early = checked
+        finite, examples, early, special = checked
         mask = self.execution.finite_flag(finite) if isinstance(finite, Tensor) else None
         if early:
             self._install_finished(tx)
@@ -173,17 +174,18 @@ class StepEngine:
         jobs = [layer.curvature.statistics_job(batch, decay, scalars) for layer, batch in batches.items()]
         self._run_jobs(tx, "factors", maths.update_factors, jobs, scalars, mask,
                        [(weights[layer], layer.curvature.statistics()) for layer in batches])
-        if early and self._refreshing(grads) and not self._produced_finite(tx):
+        due = self._due(grads)
+        if early and due and not self._produced_finite(tx):
             return None  # an overflowing statistic: caught before it reaches an eigendecomposition
-        self._refresh(tx, grads)
+        self._refresh(tx, due)
         scalars = []
         jobs = [layer.curvature.scaling_job(batch, decay, scalars) for layer, batch in batches.items()]
         self._run_jobs(tx, "scalings", maths.update_scalings, jobs, scalars, mask,
                        [(weights[layer], layer.curvature.refreshed_statistics()) for layer in batches])
         plan = self._plan_directions(grads, examples, damping_of, fused, mask)
-        tx.before_update(t for job in plan.jobs if job is not None for t in _mutated(job))
+        tx.before_update(t for job in plan.jobs if job is not None for t in mutated(job))
         plan.transaction = tx
-        plan.host_check = self.execution.checks_at_end(self._special)
+        plan.host_check = self.execution.checks_at_end(special)
         return plan
 
     def check(self, plan: StepPlan, directions: Sequence[Tensor] = ()) -> bool:
@@ -223,8 +225,9 @@ class StepEngine:
 
     def _check(self, tx: Transaction, grads: dict[PreconditionedLayer, Tensor],
                batches: dict[PreconditionedLayer, LayerBatch], also_check: Sequence[Tensor],
-               examples: list[int]) -> tuple[bool | Tensor, list[int], bool] | None:
-        """Phase 2: the non-finite check of the inputs: ``(finite, examples, decided now)``, or
+               examples: list[int]) -> tuple[bool | Tensor, list[int], bool, bool] | None:
+        """Phase 2: the non-finite check of the inputs: ``(finite, examples, decided now, special
+        step)``, or
         None when the step is skipped. Decided on the host now when data-parallel ranks must
         agree, or on a step that refreshes or installs a basis (the compiled step: also a first
         EMA update); otherwise the flag joins :meth:`check`."""
@@ -232,22 +235,23 @@ class StepEngine:
         checks += [t for b in batches.values() for t in (b.a, b.g, b.token_weights) if t is not None]
         agreement = self.distribution.agree(self.execution.all_finite(checks, self.device), examples)
         finite, examples = agreement.finite, agreement.examples
-        self._special = self._special_step(grads, batches)
-        early = not isinstance(finite, Tensor) or self.execution.checks_early(self._special)
+        special = self._special_step(grads, batches)
+        early = not isinstance(finite, Tensor) or self.execution.checks_early(special)
         if early and not bool(finite):
             return None
         if not early and isinstance(finite, Tensor):
             tx.inputs.append(finite)
-        return finite, examples, early
+        return finite, examples, early, special
 
     def _produced_finite(self, tx: Transaction) -> bool:
         """Whether what the step produced so far is finite (one host sync, agreed over ranks)."""
         return self.distribution.agree_flag(maths.all_finite(tx.produced, self.device))
 
-    def _refreshing(self, grads: dict[PreconditionedLayer, Tensor]) -> bool:
-        return any(layer in grads and layer.curvature.has_statistics
-                   and layer.curvature.refresh_due(self.eigen, index, self.steps)
-                   for index, layer in enumerate(self.layers))
+    def _due(self, grads: dict[PreconditionedLayer, Tensor]) -> list[int]:
+        """The layers whose refresh is due on this step, after its statistics phase."""
+        return [index for index, layer in enumerate(self.layers)
+                if layer in grads and layer.curvature.has_statistics
+                and layer.curvature.refresh_due(self.eigen, index, self.steps)]
 
     def _special_step(self, grads: dict[PreconditionedLayer, Tensor],
                       batches: dict[PreconditionedLayer, LayerBatch]) -> bool:
@@ -282,24 +286,19 @@ class StepEngine:
         """Phases 4 and 6: run one phase's jobs in one call (one compiled graph), then average
         what they updated over the ranks (``averaged``: ``(weight, tensors)`` per layer)."""
         jobs = [job for job in jobs if job is not None]
-        mutated = [t for job in jobs for t in _mutated(job)]
-        tx.before_update(mutated)
-        tx.produced += mutated
+        changed = [t for job in jobs for t in mutated(job)]
+        tx.before_update(changed)
+        tx.produced += changed
         if jobs:
             self.execution.mark_static(*[t for job in jobs for t in state_tensors(job)])
             self.execution.run(fn, jobs, self.execution.scalars(name, scalars), mask, self.backend)
         self.distribution.average([t for _, ts in averaged for t in ts], [w for w, ts in averaged for _ in ts])
 
-    def _refresh(self, tx: Transaction, grads: dict[PreconditionedLayer, Tensor]) -> None:
-        """Phase 5: refresh what is due on this step (a layer's first eigenbasis always
-        synchronously); the distribution strategy runs the requested decompositions."""
-        requests = []
-        for index, layer in enumerate(self.layers):
-            curv = layer.curvature
-            if layer in grads and curv.has_statistics and curv.refresh_due(self.eigen, index, self.steps):
-                request = curv.refresh(self.eigen, index)
-                if request is not None:
-                    requests.append(request)
+    def _refresh(self, tx: Transaction, due: list[int]) -> None:
+        """Phase 5: refresh the layers ``due`` (a layer's first eigenbasis always synchronously);
+        the distribution strategy runs the requested decompositions."""
+        requests = [r for r in (self.layers[index].curvature.refresh(self.eigen, index) for index in due)
+                    if r is not None]
         for index, result in self.distribution.refresh(requests, self.eigen).items():
             self._install(tx, self.layers[index], result)
 
@@ -386,17 +385,3 @@ class StepEngine:
         batch = layer.adapter.batch_draws(cap.inputs, cap.curvature_grads)
         cap.curvature_grads = []  # the batch holds them now (stacked): do not keep both until the step ends
         return batch
-
-
-def state_tensors(job: Any) -> list[Tensor]:
-    """The state tensors a job updates or reads every step (CUDA graphs keep their addresses):
-    its fields other than the batch's own tensors."""
-    batch_fields = {"a", "g", "grad", "token_weights"}
-    return [getattr(job, name) for name in job._fields
-            if name not in batch_fields and isinstance(getattr(job, name), Tensor)]
-
-
-def _mutated(job: Any) -> tuple[Tensor, ...]:
-    """The tensors a job updates in place (its ``mutated()``; none if it has no such method)."""
-    mutated = getattr(job, "mutated", None)
-    return () if mutated is None else tuple(t for t in mutated() if t is not None)

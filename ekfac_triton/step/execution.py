@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from . import maths
+from .jobs import state_tensors
 
 #: torch.compile modes that capture CUDA graphs
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -107,10 +108,6 @@ class Eager:
     def reset_device_skips(self) -> None:
         pass
 
-    @property
-    def skips(self) -> Tensor | None:
-        return None
-
 
 class _ScalarVectors:
     """Step-dependent numbers as float64 device vectors (one per use). A vector is rewritten
@@ -185,7 +182,8 @@ class Compiled(Eager):
         one graph, masked by the inputs' and the directions' finiteness."""
         if not engine.check(plan):
             return False
-        self.mark_static(*[t for g in groups for t in (*g.params, *g.buffers) if t is not None])
+        self.mark_static(*[t for g in groups for t in (*g.params, *g.buffers) if t is not None],
+                         *[t for job in jobs for t in state_tensors(job)])
         self.run(maths.precondition_and_update, jobs, layouts, groups, self.scalars("update", plan.scalars),
                  plan.finite, self._skips, kl_clip, lr_at, decoupled, engine.backend)
         return True
@@ -196,7 +194,3 @@ class Compiled(Eager):
 
     def reset_device_skips(self) -> None:
         self._skips.zero_()
-
-    @property
-    def skips(self) -> Tensor:
-        return self._skips

@@ -24,15 +24,13 @@ class Transaction:
     Args:
         curvatures: every layer's curvature.
         eigen: the eigen engine (its counters and pending refreshes).
-        distribution: the distribution strategy (data-parallel refreshes in flight).
+        distribution: the distribution strategy (its ``snapshot``: data-parallel refreshes in flight).
     """
 
     def __init__(self, curvatures: Iterable[Any], eigen: Any, distribution: Any) -> None:
         self._curvatures = [(curv, dict(vars(curv))) for curv in curvatures]
         self._eigen, self._eigen_state = eigen, eigen.snapshot()
-        self._distribution = distribution
-        self._in_flight = dict(getattr(distribution, "in_flight", {}))
-        self._in_flight_warm = dict(getattr(distribution, "in_flight_warm", {}))
+        self._distribution, self._distribution_state = distribution, distribution.snapshot()
         self._clones: list[tuple[Tensor, Tensor]] = []
         self._seen: set[int] = set()
         #: tensors the step produced, checked for finiteness before it commits
@@ -63,7 +61,5 @@ class Transaction:
             vars(curv).clear()
             vars(curv).update(attributes)
         self._eigen.restore(self._eigen_state)
-        if hasattr(self._distribution, "in_flight"):
-            self._distribution.in_flight = self._in_flight
-            self._distribution.in_flight_warm = self._in_flight_warm
+        self._distribution.restore(self._distribution_state)
         self._clones.clear()

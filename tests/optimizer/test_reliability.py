@@ -49,6 +49,11 @@ def same(a: list[Tensor], b: list[Tensor]) -> bool:
     return len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
 
 
+def interrupted(*args, **kwargs):
+    """A stand-in for a kernel call that is interrupted (Ctrl-C)."""
+    raise KeyboardInterrupt
+
+
 def counts(opt: EKFAC) -> list[int]:
     pre = opt.preconditioner
     return [pre.steps, pre.skipped_steps] + [c for layer in pre.layers
@@ -168,9 +173,6 @@ def test_interrupted_step_is_undone(monkeypatch, where):
     before, before_counts = snapshot(model, opt), counts(opt)
     target = {"statistics": "factor_update", "directions": "precondition", "update": "moment_update"}[where]
     real = getattr(ops, target)
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
 
     monkeypatch.setattr(ops, target, interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -296,9 +298,6 @@ def test_undone_first_step_creates_no_optimizer_state(monkeypatch):
     opt = EKFAC(model)
     x, y = batch(0)
     nn.functional.cross_entropy(model(x), y).backward()
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
 
     monkeypatch.setattr(ops, "precondition", interrupted)
     with pytest.raises(KeyboardInterrupt):

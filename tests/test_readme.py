@@ -50,3 +50,29 @@ def test_readme_block_runs(readme, line, code, tmp_path):
                             timeout=900)
     assert result.returncode == 0, (f"{readme}, the block at line {line} failed:\n--- stdout\n{result.stdout}"
                                     f"\n--- stderr\n{result.stderr[-4000:]}")
+
+
+def markdown_table(text: str, first_header: str) -> list[dict[str, str]]:
+    """The rows (header -> cell) of the first markdown table of ``text`` whose first header cell is
+    ``first_header``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")))))
+    return rows
+
+
+def test_readme_demo_table_is_the_committed_one():
+    """The demo table of README.md is ``bench/results/demo/cpu/table.md`` (a subset of its columns,
+    every cell as committed)."""
+    readme = markdown_table((ROOT / "README.md").read_text(encoding="utf-8"), "optimizer")
+    committed = markdown_table((ROOT / "bench/results/demo/cpu/table.md").read_text(encoding="utf-8"), "optimizer")
+    assert [r["optimizer"] for r in readme] == [r["optimizer"] for r in committed]
+    for ours, theirs in zip(readme, committed):
+        for column, cell in ours.items():
+            assert column in theirs, f"README demo table column {column!r} is not in table.md"
+            assert cell == theirs[column], f"{ours['optimizer']} {column}: README {cell!r}, table.md {theirs[column]!r}"

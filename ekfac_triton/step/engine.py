@@ -280,10 +280,11 @@ class StepEngine:
             if not layer.capture.arrivals and id(layer.adapter.weight) in self._accumulated:
                 raise RuntimeError(
                     f"ekfac_triton: layer {layer.name!r} received a gradient in a backward that its capture hook "
-                    "did not see: the hook is not in the code that ran (e.g. a compiled graph traced without it, "
-                    "or a hook removed by remove_hooks()); its statistics cannot be updated. Construct the "
-                    "optimizer before the first forward of a torch.compile'd model, or call "
-                    "torch._dynamo.reset() before the next forward")
+                    "did not see: the hook is not in the code that ran (e.g. a function compiled with "
+                    "torch.compile around the model, such as a training step, traced before the optimizer "
+                    "existed; or a hook removed by remove_hooks()); its statistics cannot be updated. Construct "
+                    "the optimizer before the first call of such a compiled function, or call "
+                    "torch._dynamo.reset() after constructing it")
         return self._batches([layer for layer in self.layers if layer in grads and layer.capture.arrivals])
 
     def _check(self, tx: Transaction, grads: dict[PreconditionedLayer, Tensor],

@@ -157,6 +157,26 @@ def test_attach_after_a_compiled_forward_ran(how):
     opt.remove_hooks()
 
 
+@pytest.mark.slow
+def test_a_compiled_function_around_the_model_traced_before_attaching_raises():
+    """``torch.compile(train_step)`` traced before the optimizer existed keeps running without the
+    hooks (its code is the user's, not a module call): the step refuses, saying what to do."""
+    model = make_mlp([D_IN, D_H, D_OUT], seed=0, dtype=torch.float64)
+
+    @torch.compile
+    def loss_of(x, y):
+        return half_mse(model(x), y)
+
+    x, y = batch(8, 0)
+    loss_of(x, y).backward()
+    model.zero_grad()
+    opt = EKFAC(model)
+    loss_of(x, y).backward()
+    with pytest.raises(RuntimeError, match=r"capture hook did not see.*torch._dynamo.reset\(\)"):
+        opt.step()
+    opt.remove_hooks()
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. parameter groups added later, layers unfrozen later
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ backward). ``torch.func`` transforms (vmap, grad) are ignored on both paths.
 from __future__ import annotations
 
 import itertools
+import os
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -91,6 +92,42 @@ def _first_argument(args: tuple, kwargs: dict) -> tuple[Tensor, None]:
     return args[0], None
 
 
+def forget_compiled_calls(model: nn.Module) -> int:
+    """Drop dynamo's compiled code through which ``model`` may already have been called, so that
+    its next compiled call is traced again, with the capture hooks just registered; returns the
+    number of code objects reset.
+
+    Dynamo does not guard on module hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``
+    is True in torch 2.x): a graph compiled before the hooks existed would keep running without
+    them, and no statistics would ever be captured. The compiled entries of a module call live on
+    code objects shared by every module called that way — the wrappers of ``torch.compile(model)``
+    (in ``torch/_dynamo``), ``nn.Module``'s call path (``model.compile()``) and the model's own
+    ``forward`` methods — so those entries are reset (each compiled module using that code
+    recompiles once at its next call, correctly) and nothing else: other compiled functions,
+    dynamo's counters and configuration are left alone (unlike ``torch._dynamo.reset()``).
+    A function compiled around the model (``torch.compile(train_step)``) is not found here; the
+    step then raises, naming the layer whose capture saw no gradient.
+    """
+    try:
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list, reset_code
+        from torch._dynamo import convert_frame
+    except ImportError:  # a torch without dynamo: nothing can be compiled
+        return 0
+    shared = {nn.Module._wrapped_call_impl.__code__, nn.Module._call_impl.__code__}
+    shared |= {type(m).forward.__code__ for m in model.modules() if hasattr(type(m).forward, "__code__")}
+    wrappers = os.path.dirname(torch._dynamo.__file__) + os.sep
+    reset = 0
+    with convert_frame.compile_lock:
+        for weak in list(convert_frame.input_codes.seen):
+            code = weak()
+            if code is None or not (code in shared or code.co_filename.startswith(wrappers)):
+                continue
+            if _debug_get_cache_entry_list(code):
+                reset_code(code)
+                reset += 1
+    return reset
+
+
 # -- the capture of one module --------------------------------------------------------------------
 class LayerCapture:
     """The last completed (input, output-gradient) pair of one module since ``clear()``.
@@ -121,6 +158,9 @@ class LayerCapture:
         self.keep_outputs = False
         self.output: Tensor | None = None
         self.completed = 0
+        #: gradients that arrived at the module's output since ``clear()``, whether statistics were
+        #: due or not (0: no backward reached this module since the last step)
+        self.arrivals = 0
         #: the tensor version counters of the kept input and output-gradient when captured
         self.versions: tuple[int, int] | None = None
         self.input_shape: torch.Size | None = None
@@ -160,6 +200,7 @@ class LayerCapture:
         """One completed pair. ``copy``: the tensors belong to a compiled graph, which may reuse
         their memory once the stash op returns."""
         self.input_shape = shape
+        self.arrivals += 1
         if inputs is None:  # statistics were not due
             return
         if self.curvature_pass:
@@ -197,6 +238,7 @@ class LayerCapture:
         self.record = None
         self.output = None
         self.completed = 0
+        self.arrivals = 0
 
     def remove(self) -> None:
         self._handle.remove()

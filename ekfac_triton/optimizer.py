@@ -8,11 +8,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
 from .config import argument_docs, check_bool, check_group
 from .curvature import CURVATURES, Curvature
+from .discovery import discover
 from .distributed import unwrap_model
 from .layers import weight_and_bias
 from .layers.base import MatrixLayout
@@ -89,6 +92,7 @@ class EKFAC(torch.optim.Optimizer):
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         check_group(defaults)
         compile_args = compile_options(compile_step)
+        self._model = unwrap_model(model)  # add_param_group finds the modules of new parameters in it
         super().__init__(list(model.parameters()) if params is None else params, defaults)
         self._preconditioner = Preconditioner(model, damping=damping, curvature=curvature, lr=lr,
                                               modules=self._modules_in_groups(model), process_group=process_group,
@@ -99,8 +103,13 @@ class EKFAC(torch.optim.Optimizer):
             except ValueError:
                 self._preconditioner.remove_hooks()  # a refused optimizer leaves no hook on the model
                 raise
-        # GradScaler.step then calls step() itself, even on inf steps, with grad_scale/found_inf set
-        self._step_supports_amp_scaling = options.get("grad_scaler") is not None
+        layer_params = {p for layer in self._preconditioner.layers for p in layer.adapter.params}
+        self._preconditioner.watch_backward([p for g in self.param_groups for p in g["params"]
+                                             if p not in layer_params])
+        # torch.amp.GradScaler.step then calls step() itself, even on inf steps, with grad_scale and
+        # found_inf set (torch/amp/grad_scaler.py): the step needs the scale, which the captured
+        # output-gradients carry, whether or not the scaler was passed as grad_scaler=.
+        self._step_supports_amp_scaling = True
 
     def _compile(self, options: dict[str, Any]) -> None:
         """Run the step's tensor work compiled (checking first that it covers this optimizer)."""
@@ -147,6 +156,24 @@ class EKFAC(torch.optim.Optimizer):
         # Validate before torch adds it, so that a rejected group leaves param_groups unchanged.
         check_group({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
         super().add_param_group(param_group)
+        pre = getattr(self, "_preconditioner", None)
+        if pre is None:  # torch.optim.Optimizer.__init__ adding the groups given at construction
+            return
+        new = self.param_groups[-1]["params"]
+        pre.watch_backward(new)
+        ids = {id(p) for p in new}
+        owners = [m for m in self._model.modules() if id(weight_and_bias(m)[0]) in ids]
+        if not owners:
+            return
+        found = discover(self._model, inputs_only=pre.config.curvature_class.inputs_only, modules=owners)
+        names = [name for name, _ in found.layers]
+        if names:
+            reason = "its parameters were added by add_param_group after construction (not preconditioned)"
+            pre.plain.update(dict.fromkeys(names, reason))
+            warnings.warn(f"ekfac_triton: add_param_group: modules {names} are layers this optimizer could "
+                          "precondition, but layers are found at construction only: they get the plain update "
+                          "(momentum on the raw gradient). To precondition them, construct the optimizer with "
+                          "every parameter group (params=[...])", UserWarning, stacklevel=2)
 
     # -- introspection ----------------------------------------------------------------------------
     @property
@@ -199,7 +226,11 @@ class EKFAC(torch.optim.Optimizer):
         A step whose gradients or captured activations are not finite is skipped: parameters and
         every state tensor stay as they are (see :meth:`StepEngine.advance
         <ekfac_triton.step.engine.StepEngine.advance>`); so is a step in which the
-        ``grad_scaler`` found inf/NaN. The step runs outside autocast.
+        ``grad_scaler`` found inf/NaN. ``scaler.step(opt)`` of a ``torch.amp.GradScaler`` not
+        passed as ``grad_scaler=`` gives the same step as passing it, except after
+        ``scaler.unscale_(opt)``, where the loss scale is unknown here: that raises. A step
+        without a backward since the last one changes nothing (a warning). The step runs outside
+        autocast.
         """
         loss = None
         if closure is not None:
@@ -211,17 +242,33 @@ class EKFAC(torch.optim.Optimizer):
             if g.is_sparse:
                 self._preconditioner.discard_capture()
                 raise RuntimeError("EKFAC does not support sparse gradients")
+        if self._preconditioner.backward_missing(stacklevel=5):  # past no_grad and torch's step wrapper
+            return loss
+        self._preconditioner.warn_unfrozen(stacklevel=5)
         # Set by GradScaler.step (protocol above) for this call only.
         found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
         if found_inf is not None and bool(found_inf):
             self._preconditioner.skip_step()
             return loss
+        pre = self._preconditioner
+        if found_inf is not None and pre.config.statistics.grad_scaler is None:
+            if grad_scale is None:
+                pre.discard_capture()
+                raise RuntimeError("ekfac_triton: a torch.amp.GradScaler stepped this optimizer after "
+                                   "scaler.unscale_(opt), but it was built without grad_scaler=: the captured "
+                                   "output-gradients carry the loss scale, which this step cannot know. Pass "
+                                   "grad_scaler=scaler to the optimizer")
+            # the scale the captures carry: what grad_scaler=scaler would read (scaler.get_scale())
+            pre.driving_scale = float(grad_scale)
         if grad_scale is not None:  # not unscaled by the user: as GradScaler.unscale_ would
             inv_scale = grad_scale.double().reciprocal().float()
             for g in grads:
                 g.mul_(inv_scale.to(g.device))
-        with torch.autocast(self._preconditioner.device.type, enabled=False):
-            self._step(group_of, grads)
+        try:
+            with torch.autocast(pre.device.type, enabled=False):
+                self._step(group_of, grads)
+        finally:
+            pre.driving_scale = None
         return loss
 
     def _step(self, group_of: dict[Tensor, dict[str, Any]], grads: list[Tensor]) -> None:

@@ -14,13 +14,14 @@ import torch
 from torch import Tensor, nn
 
 from .backend import resolve_backend
-from .capture import LayerCapture
+from .capture import LayerCapture, forget_compiled_calls
 from .config import PreconditionerConfig, argument_docs, check_damping, check_lr
 from .curvature import CURVATURES, Curvature, LayerShape, RefreshRequest
 from .discovery import discover
 from .distributed import DataParallel, SingleProcess, resolve_process_group, unwrap_model
 from .eigen_engine import EigenEngine
 from .fisher import curvature_backward, training_backward
+from .layers import weight_and_bias
 from .step import maths
 from .step.engine import PreconditionedLayer, StepEngine
 
@@ -91,6 +92,9 @@ class Preconditioner(StepEngine):
         self._init_counts()
         found = discover(model, inputs_only=curvature_cls.inputs_only, modules=modules)
         self.unsupported, self.plain = found.unsupported, found.plain
+        named = dict(model.named_modules())
+        weights = [(name, weight_and_bias(named[name])[0]) for name in found.unsupported if name in named]
+        self.frozen = [(name, w) for name, w in weights if isinstance(w, Tensor) and not w.requires_grad]
         if group is not None and any(adapter.one_hot_inputs for _, adapter in found.layers):
             embeddings = [name for name, adapter in found.layers if adapter.one_hot_inputs]
             raise ValueError(f"Invalid process_group: data-parallel training does not support nn.Embedding layers "
@@ -127,6 +131,8 @@ class Preconditioner(StepEngine):
         for name, reason in self.unsupported.items():
             warnings.warn(f"ekfac_triton: module {name!r} is not preconditioned: {reason}; it gets the plain update",
                           stacklevel=2)
+        self.watch_backward([p for layer in self.layers for p in layer.adapter.params])
+        forget_compiled_calls(model)  # a compiled forward that already ran is retraced with the hooks
         self._arm_capture()
 
     # -- attributes ----------------------------------------------------------------------------
@@ -171,6 +177,7 @@ class Preconditioner(StepEngine):
         worker thread, if any)."""
         for layer in self.layers:
             layer.capture.remove()
+        self.unwatch_backward()
         self.eigen.shutdown()
 
     # -- the backward ---------------------------------------------------------------------------
@@ -200,8 +207,12 @@ class Preconditioner(StepEngine):
     # -- the step -------------------------------------------------------------------------------
     def step(self) -> bool:
         """Precondition every layer's ``.grad`` in place; returns False if the step was skipped
-        (non-finite values: the gradients are then left untouched). Runs outside any autocast
-        region (its arithmetic is in the factor and basis dtypes)."""
+        (non-finite values, or no backward since the last step, with a warning: the gradients
+        are then left untouched). Runs outside any autocast region (its arithmetic is in the
+        factor and basis dtypes)."""
+        if self.backward_missing():
+            return False
+        self.warn_unfrozen()
         with torch.autocast(self.device.type, enabled=False):
             plan = self.advance(lambda layer: self.damping)
         if plan is None:

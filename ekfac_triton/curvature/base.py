@@ -202,7 +202,10 @@ class Curvature(ABC):
     @abstractmethod
     def direction_job(self, grad: Tensor, damping: float, num_examples: int, decay: float,
                       scalars: list[float]) -> Any:
-        """The job whose ``run`` returns the preconditioned direction of the (d_out, d_in̄) matrix."""
+        """The job whose ``run`` returns the preconditioned direction of the (d_out, d_in̄) matrix.
+        ``num_examples`` is the batch size N of the step, 0 when no backward reached the layer
+        since the last step (its gradient is zeros or left over): statistics estimated from the
+        gradient itself must then not be updated."""
 
     def check_state(self, state: dict[str, Any], layer: str) -> None:
         """Raise ``ValueError`` naming ``layer`` and the field if :meth:`load_state_dict` would

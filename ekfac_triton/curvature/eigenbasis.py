@@ -335,9 +335,11 @@ class EigenbasisCurvature(Curvature):
     def direction_job(self, grad: Tensor, damping: float, num_examples: int, decay: float,
                       scalars: list[float]) -> EigenbasisDirection:
         """The direction; in ``batch`` mode S is first updated with ``num_examples · P²`` (EMA with
-        ``decay``)."""
+        ``decay``), unless ``num_examples`` is 0 (no backward reached the layer this step)."""
         beta = alpha_n = 0.0
-        if self.estimates_from_batch:
+        if self.estimates_from_batch and num_examples == 0:
+            beta = 1.0  # no backward reached the layer this step: S stays as it is (1·S + 0·P²), uncounted
+        elif self.estimates_from_batch:
             beta, alpha = self.next_scaling_weights(decay)
             alpha_n = alpha * num_examples
         at = len(scalars)

@@ -85,6 +85,13 @@ class StepEngine:
         self._host_skipped_steps = 0  # skips decided on the host (see skipped_steps)
         self._curvature_passes = 0
         self.execution = Eager()
+        #: ids of the watched parameters a backward accumulated a gradient into since the last step
+        self._accumulated: set[int] = set()
+        #: the loss scale of a step driven by a GradScaler that is not the configured grad_scaler
+        self.driving_scale: float | None = None
+        self._backward_handles: list[Any] = []
+        #: (name, weight) of the layers left out at construction because frozen (warned if unfrozen)
+        self.frozen: list[tuple[str, Tensor]] = []
 
     # -- counters -------------------------------------------------------------------------------
     @property
@@ -109,10 +116,41 @@ class StepEngine:
         """Drop what was captured since the last step (a step that raised before it began)."""
         self._arm_capture()
 
+    def watch_backward(self, params: Sequence[Tensor]) -> None:
+        """Note, for :meth:`backward_missing` and the capture check of :meth:`_collect`, each
+        backward that accumulates a gradient into one of ``params`` (a post-accumulate-grad hook;
+        removed by :meth:`unwatch_backward`)."""
+        seen = self._accumulated  # the hook holds the set, not the engine: no reference cycle
+
+        def mark(p: Tensor) -> None:
+            seen.add(id(p))
+
+        for p in params:
+            if p.requires_grad:
+                self._backward_handles.append(p.register_post_accumulate_grad_hook(mark))
+
+    def unwatch_backward(self) -> None:
+        for handle in self._backward_handles:
+            handle.remove()
+        self._backward_handles = []
+
+    def backward_missing(self, stacklevel: int = 3) -> bool:
+        """True, with a warning, when no backward reached a preconditioned layer or a watched
+        parameter since the last step: the caller then changes nothing (no statistics, no
+        update, the step is not counted); stale gradients would otherwise be applied again and
+        counted as a step. ``stacklevel``: of the warning, so that it names the caller's line."""
+        if self._accumulated or any(layer.capture.arrivals for layer in self.layers):
+            return False
+        warnings.warn("ekfac_triton: step() was called without a backward since the last step (no gradient "
+                      "reached the model's parameters, or remove_hooks() removed the hooks that see it); nothing was changed: no statistics, no update, and the "
+                      "step is not counted. Call loss.backward() before each step()", UserWarning, stacklevel=stacklevel)
+        return True
+
     def _arm_capture(self) -> None:
         """Capture inputs and output-gradients only before steps that update statistics."""
         enabled = self.statistics_due
         self._curvature_passes = 0
+        self._accumulated.clear()
         empirical = self.config.fisher.fisher == "empirical"
         for layer in self.layers:
             layer.capture.clear()
@@ -153,13 +191,27 @@ class StepEngine:
             self.abort(tx, skipped=True)
         return plan
 
+    def warn_unfrozen(self, stacklevel: int = 3) -> None:
+        """Warn, once per layer, when a layer that was frozen at construction (so never hooked nor
+        given curvature state) has a gradient: it is trained with the plain update only.
+        ``stacklevel``: of the warning, so that it names the caller's line."""
+        unfrozen = [name for name, weight in self.frozen if weight.grad is not None]
+        if unfrozen:
+            self.frozen = [(name, w) for name, w in self.frozen if name not in unfrozen]
+            warnings.warn(f"ekfac_triton: layers {unfrozen} were frozen (requires_grad=False) when the optimizer was "
+                          "built and have a gradient now: they are not preconditioned (they get the plain update, "
+                          "if the optimizer holds their parameters). To precondition them, build the optimizer "
+                          "after unfreezing them", UserWarning, stacklevel=stacklevel)
+
     def _advance(self, tx: Transaction, damping_of: Callable[[PreconditionedLayer], float],
                  also_check: Sequence[Tensor], fused: Callable[[PreconditionedLayer], bool] | None) -> StepPlan | None:
         stats_step = self.statistics_due
         grads = {layer: layer.adapter.grad_matrix() for layer in self.layers if layer.adapter.has_grad()}
         batches = self._collect(grads) if stats_step else {}
-        examples = [layer.adapter.num_examples(layer.capture.input_shape) if layer in grads else 0
-                    for layer in self.layers]
+        # A layer no backward reached since the last step (its gradient zeros, or left from before)
+        # has 0 examples: no statistics this step, and no batch-scaling update (curvature.base).
+        examples = [layer.adapter.num_examples(layer.capture.input_shape)
+                    if layer in grads and layer.capture.arrivals else 0 for layer in self.layers]
         checked = self._check(tx, grads, batches, also_check, examples)
         if checked is None:
             return None
@@ -220,8 +272,20 @@ class StepEngine:
             self._arm_capture()
 
     def _collect(self, grads: dict[PreconditionedLayer, Tensor]) -> dict[PreconditionedLayer, LayerBatch]:
-        """Phase 1: each layer's captured batch (:meth:`_batches`)."""
-        return self._batches([layer for layer in self.layers if layer in grads])
+        """Phase 1: each layer's captured batch (:meth:`_batches`), for the layers a backward
+        reached since the last step; the others (a layer used on some steps only, whose gradient is
+        zeros or None) keep their statistics as they are. A layer whose weight received a gradient
+        from a backward that its capture did not see raises."""
+        for layer in grads:
+            if not layer.capture.arrivals and id(layer.adapter.weight) in self._accumulated:
+                raise RuntimeError(
+                    f"ekfac_triton: layer {layer.name!r} received a gradient in a backward that its capture hook "
+                    "did not see: the hook is not in the code that ran (e.g. a function compiled with "
+                    "torch.compile around the model, such as a training step, traced before the optimizer "
+                    "existed; or a hook removed by remove_hooks()); its statistics cannot be updated. Construct "
+                    "the optimizer before the first call of such a compiled function, or call "
+                    "torch._dynamo.reset() after constructing it")
+        return self._batches([layer for layer in self.layers if layer in grads and layer.capture.arrivals])
 
     def _check(self, tx: Transaction, grads: dict[PreconditionedLayer, Tensor],
                batches: dict[PreconditionedLayer, LayerBatch], also_check: Sequence[Tensor],
@@ -341,6 +405,8 @@ class StepEngine:
     def _capture_unscale(self) -> float | None:
         """1 / the loss scale the captured output-gradients carry (None: no GradScaler)."""
         scaler = self.config.statistics.grad_scaler
+        if scaler is None and self.driving_scale is not None:
+            return 1.0 / self.driving_scale
         if scaler is None or not scaler.is_enabled():
             return None
         return 1.0 / scaler.get_scale()
@@ -351,9 +417,10 @@ class StepEngine:
         empirical = self.config.fisher.fisher == "empirical"
         for layer in active:
             cap = layer.capture
-            if cap.completed == 0:
+            if cap.completed == 0:  # a gradient arrived, but from a forward run before the last step
                 raise RuntimeError(f"ekfac_triton: no input/output-gradient was captured for layer {layer.name!r} "
-                                   "since the last step; run the forward and backward of the batch between steps")
+                                   "since the last step (its forward ran before the last step() and its backward "
+                                   "after it); run the forward and backward of the batch between steps")
             if cap.completed > 1:
                 raise RuntimeError(f"ekfac_triton: layer {layer.name!r} ran {cap.completed} times with a backward since "
                                    "the last step (shared weights or gradient accumulation), which this version does "

@@ -677,13 +677,21 @@ def test_no_grad_evaluation_does_not_disturb_capture(scaling):
             assert_bitwise_equal(p.detach(), q.detach(), f"after step {i}")
 
 
-def test_step_without_new_backward_raises():
+def test_forward_before_step_and_backward_after_raises():
+    """A backward whose forward ran before the last step: the capture saw the gradient arrive but
+    has no input of this step (the statistics would mix two batches)."""
     model = mlp()
     opt = EKFAC(model)
     x, y = batch(9, 0)
     half_mse(model(x), y).backward()
     opt.step()
-    with pytest.raises(RuntimeError, match="captured"):
+    for layer in opt.preconditioner.layers:  # as on a step without statistics (factor_every > 1)
+        layer.capture.enabled = False
+    loss = half_mse(model(x), y)
+    opt.zero_grad()
+    opt.preconditioner._arm_capture()  # a step between this forward and its backward would re-arm
+    loss.backward()
+    with pytest.raises(RuntimeError, match="forward ran before the last step"):
         opt.step()
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ekfac_triton import EKFAC, Preconditioner
-from tests.helpers import make_mlp, seeded_batch
+from tests.helpers import assert_bitwise_equal, make_mlp, seeded_batch
 
 
 def mlp(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Sequential:
@@ -173,12 +173,14 @@ def test_step_inside_autocast_region_runs_in_state_dtypes():
 # ---------------------------------------------------------------------------------------------
 # GradScaler
 # ---------------------------------------------------------------------------------------------
-def train_scaled(unscale_first: bool | None, steps: int = 5, dtype=torch.float64) -> tuple[nn.Module, EKFAC]:
+def train_scaled(unscale_first: bool | None, steps: int = 5, dtype=torch.float64,
+                 pass_scaler: bool = True, init_scale: float = 2.0**12) -> tuple[nn.Module, EKFAC]:
     """``unscale_first`` None: no scaler; True/False: the GradScaler recipe with/without
-    ``scaler.unscale_(opt)`` before ``scaler.step(opt)``."""
+    ``scaler.unscale_(opt)`` before ``scaler.step(opt)``; ``pass_scaler``: the scaler is also
+    given as ``grad_scaler=`` (the documented path)."""
     model = mlp(dtype)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if unscale_first is not None else None
-    opt = EKFAC(model, lr=0.05, damping=1e-2, eigen_every=2, grad_scaler=scaler)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale) if unscale_first is not None else None
+    opt = EKFAC(model, lr=0.05, damping=1e-2, eigen_every=2, grad_scaler=scaler if pass_scaler else None)
     for step in range(steps):
         x, y = batch(32, step, dtype)
         opt.zero_grad()
@@ -207,6 +209,25 @@ def test_grad_scaler_gives_the_unscaled_trajectory(unscale_first):
         torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-11, msg=lambda m: f"{name}: {m}")
     for p, q in zip(model.parameters(), model_ref.parameters()):
         torch.testing.assert_close(p, q, atol=1e-13, rtol=1e-11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scaler_step_without_grad_scaler_equals_the_documented_path(dtype):
+    """``scaler.step(opt)`` of an optimizer built without ``grad_scaler=`` (torch's protocol
+    hands it the scale) gives bit-for-bit the run of the documented ``grad_scaler=scaler`` path
+    (a scale that is not a power of two, so any difference in the unscaling would show)."""
+    model_ref, opt_ref = train_scaled(False, dtype=dtype, init_scale=3000.0)
+    model, opt = train_scaled(False, dtype=dtype, pass_scaler=False, init_scale=3000.0)
+    assert opt.preconditioner.steps == 5
+    for (name, a), (_, b) in zip(state_tensors(opt), state_tensors(opt_ref)):
+        assert_bitwise_equal(a, b, name)
+    for p, q in zip(model.parameters(), model_ref.parameters()):
+        assert_bitwise_equal(p.detach(), q.detach(), "parameters")
+
+
+def test_scaler_step_after_unscale_without_grad_scaler_raises():
+    with pytest.raises(RuntimeError, match="built without grad_scaler=.*Pass grad_scaler=scaler"):
+        train_scaled(True, pass_scaler=False)
 
 
 @pytest.mark.parametrize("unscale_first", [True, False])

@@ -74,8 +74,9 @@ def muon_matrices(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramet
     Muon is not meant for (Jordan et al. 2024; Liu et al. 2025, "Muon is scalable for LLM
     training"), against everything else (those, norms, biases).
 
-    The head is ``model.get_output_embeddings()`` (the transformers API; a tied head is the token
-    embedding itself). A model without that method is refused rather than guessed at.
+    The head is ``model.get_output_embeddings()`` (the transformers API; a tied head shares the
+    token embedding's weight, which goes to the rest once). A model without that method is
+    refused rather than guessed at.
     """
     get_head = getattr(model, "get_output_embeddings", None)
     if not callable(get_head):

@@ -11,11 +11,12 @@ the kind of optimizer to its constructor:
 | ``adamw`` | ``torch.optim.AdamW(model.parameters(), **hparams)`` |
 | ``ekfac``, ``kfac``, ``tekfac`` | ``EKFAC(model, curvature=kind, **hparams)`` |
 | ``mac`` | ``MAC(model, **hparams)``: the preset, whose official defaults fill what ``hparams`` leaves out |
+| ``muon`` | :class:`MuonWithAdamW`: ``torch.optim.Muon`` (torch >= 2.9) on the hidden weight matrices, ``torch.optim.AdamW`` on the rest (:func:`muon_matrices`) |
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -23,18 +24,20 @@ from torch import nn
 
 from ekfac_triton import EKFAC, MAC
 
-__all__ = ["CURVATURES", "KINDS", "LABELS", "describe", "make_optimizer"]
+__all__ = ["CURVATURES", "KINDS", "LABELS", "MuonWithAdamW", "describe", "make_optimizer", "muon_matrices"]
 
 #: The kinds built by :class:`ekfac_triton.EKFAC` with ``curvature=kind``.
 CURVATURES = ("kfac", "ekfac", "tekfac")
-KINDS = ("sgd", "adamw", *CURVATURES, "mac")
+KINDS = ("sgd", "adamw", *CURVATURES, "mac", "muon")
 #: How tables, plots and progress bars name each kind.
-LABELS = {"sgd": "SGD", "adamw": "AdamW", "kfac": "K-FAC", "ekfac": "EKFAC", "tekfac": "TEKFAC", "mac": "MAC"}
+LABELS = {"sgd": "SGD", "adamw": "AdamW", "kfac": "K-FAC", "ekfac": "EKFAC", "tekfac": "TEKFAC", "mac": "MAC",
+          "muon": "Muon"}
 
 _TORCH = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 
 
-def make_optimizer(kind: str, model: nn.Module, hparams: Mapping[str, Any] | None = None) -> torch.optim.Optimizer:
+def make_optimizer(kind: str, model: nn.Module,
+                   hparams: Mapping[str, Any] | None = None) -> torch.optim.Optimizer | MuonWithAdamW:
     """The optimizer ``kind`` (one of :data:`KINDS`, table in the module docstring) for ``model``,
     constructed with ``hparams`` as keyword arguments (none: the constructor's defaults)."""
     kwargs = dict(hparams or {})
@@ -44,6 +47,8 @@ def make_optimizer(kind: str, model: nn.Module, hparams: Mapping[str, Any] | Non
         return EKFAC(model, curvature=kind, **kwargs)
     if kind == "mac":
         return MAC(model, **kwargs)
+    if kind == "muon":
+        return MuonWithAdamW(model, **kwargs)
     raise ValueError(f"Invalid optimizer kind={kind!r}: must be one of {KINDS}")
 
 
@@ -56,6 +61,100 @@ def describe(kind: str, hparams: Mapping[str, Any] | None = None) -> str:
         name = f"torch.optim.{_TORCH[kind].__name__}"
     elif kind in CURVATURES:
         name, kwargs = "EKFAC", {"curvature": kind, **kwargs}
+    elif kind == "muon":
+        name = "MuonWithAdamW"
     else:
         name = "MAC"
     return f"{name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+
+
+def muon_matrices(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The model's trainable parameters split into (hidden weight matrices, the rest): the 2-D
+    parameters of every module except embeddings (``nn.Embedding``) and the output head, which
+    Muon is not meant for (Jordan et al. 2024; Liu et al. 2025, "Muon is scalable for LLM
+    training"), against everything else (those, norms, biases).
+
+    The head is ``model.get_output_embeddings()`` (the transformers API; a tied head shares the
+    token embedding's weight, which goes to the rest once). A model without that method is
+    refused rather than guessed at.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    if not callable(get_head):
+        raise ValueError(f"Invalid model={type(model).__name__} for kind='muon': it has no "
+                         "get_output_embeddings() (the transformers API), so its output head cannot be kept off Muon")
+    head = get_head()
+    excluded = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) or m is head
+                for p in m.parameters(recurse=False)}
+    matrices, rest, seen = [], [], set()
+    for p in model.parameters():                  # deduplicated: a tied weight appears once
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (matrices if p.ndim == 2 and id(p) not in excluded else rest).append(p)
+    return matrices, rest
+
+
+class MuonWithAdamW:
+    """``torch.optim.Muon`` on the hidden weight matrices and ``torch.optim.AdamW`` on every other
+    parameter (:func:`muon_matrices`), stepped together: Muon accepts only 2-D parameters, and
+    this pairing is how it is used in practice.
+
+    Args:
+        model: the model (with ``get_output_embeddings()``, see :func:`muon_matrices`).
+        lr: Muon's learning rate.
+        momentum: Muon's momentum.
+        nesterov: Muon's Nesterov momentum.
+        weight_decay: Muon's decoupled weight decay.
+        adjust_lr_fn: Muon's per-matrix learning-rate scaling. Default ``"match_rms_adamw"``
+            (0.2·sqrt(max(rows, cols)), Liu et al. 2025): it is symmetric in the two dimensions, so
+            a weight stored transposed (transformers' ``Conv1D``, ``(in, out)``) is scaled as its
+            ``nn.Linear`` twin, and updates have AdamW's RMS, so an AdamW-sized lr suits both.
+            ``"original"`` or None: torch's default, sqrt(max(1, rows/cols)).
+        adamw: keyword arguments of the ``torch.optim.AdamW`` over the other parameters (default
+            ``lr`` and ``weight_decay`` as Muon's).
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0, adjust_lr_fn: str | None = "match_rms_adamw",
+                 adamw: Mapping[str, Any] | None = None) -> None:
+        muon_class = getattr(torch.optim, "Muon", None)
+        if muon_class is None:
+            raise ValueError(f"kind='muon' needs torch.optim.Muon (torch >= 2.9); this torch is {torch.__version__}")
+        matrices, rest = muon_matrices(model)
+        if not matrices:
+            raise ValueError(f"Invalid model={type(model).__name__} for kind='muon': no hidden 2-D weight matrices")
+        self.muon = muon_class(matrices, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                               adjust_lr_fn=adjust_lr_fn)
+        self.adamw = torch.optim.AdamW(rest, **{"lr": lr, "weight_decay": weight_decay, **dict(adamw or {})})
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Muon's parameter groups, then AdamW's."""
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of both optimizers' parameters."""
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One step of both; ``closure`` (if given) is evaluated once, with gradients enabled."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """Both optimizers' state dicts, as ``{"muon": ..., "adamw": ...}``."""
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        missing = {"muon", "adamw"} - set(state_dict)
+        if missing:
+            raise ValueError(f"Invalid state_dict: missing {sorted(missing)} (expected MuonWithAdamW.state_dict())")
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])

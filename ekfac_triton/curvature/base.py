@@ -245,7 +245,8 @@ class Curvature(ABC):
         return None
 
     def basis_token(self) -> Any:
-        """Identifies the basis the per-example projections are taken in (None: no basis)."""
+        """The basis the per-example projections are taken in, as ``(tensor, version)`` pairs
+        (None: no basis)."""
         return None
 
     @abstractmethod

@@ -379,8 +379,7 @@ class EigenbasisCurvature(Curvature):
 
     def basis_token(self) -> Any:
         # a new basis is a new tensor, or (CUDA-graph steps) a copy into the old one: a new version
-        return None if self.q_out is None else (id(self.q_out), self.q_out._version,
-                                                 None if self.q_in is None else (id(self.q_in), self.q_in._version))
+        return tuple((q, q._version) for q in (self.q_out, self.q_in) if q is not None) or None
 
     def direction_job(self, grad: Tensor, damping: float, num_examples: int, decay: float,
                       scalars: list[float]) -> EigenbasisDirection:

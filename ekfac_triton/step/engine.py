@@ -493,7 +493,7 @@ class StepEngine:
         now (folded one at a time, each dropped after), then the scaling EMA from the sums."""
         curv = layer.curvature
         if curv.projects_examples:
-            if acc.basis is not None and acc.basis != curv.basis_token():
+            if acc.basis is not None and not _same_basis(acc.basis, curv.basis_token()):
                 raise RuntimeError(f"ekfac_triton: internal error: the basis of layer {layer.name!r} changed after "
                                    "its micro-batches were projected into it")
             while acc.kept:
@@ -510,3 +510,9 @@ def _fold(engine: weakref.ref, layer: PreconditionedLayer, inputs: Tensor, grad_
     owner = engine()
     if owner is not None:
         owner.fold(layer, inputs, grad_output, record, copy)
+
+
+def _same_basis(a: Any, b: Any) -> bool:
+    """Whether two :meth:`Curvature.basis_token` results are the same tensors at the same versions."""
+    return (a is None) == (b is None) and (a is None or (len(a) == len(b) and all(
+        x is y and vx == vy for (x, vx), (y, vy) in zip(a, b))))

@@ -13,7 +13,7 @@ from torch import nn
 
 from ekfac_triton import EKFAC
 from tests.helpers import (COMPILE_MODELS, EXACT_STEP, assert_rel_close, compile_batch, curvature_tensors, half_mse,
-                           make_mlp, seeded_batch)
+                           make_mlp, mean_ce, seeded_batch)
 
 N = 24
 SIZES = {"one": [N], "equal": [12, 12], "unequal": [5, 11, 8], "four": [6, 6, 6, 6]}
@@ -32,6 +32,9 @@ SETTINGS = {
     "defaults": {},
     # staggered refreshes: on each step some layers refresh and others do not
     "stagger": dict(factor_decay=0.0, eigen_every=2),
+    # statistics every other step: the steps between capture nothing, yet the batch scaling's N
+    # is still every micro-batch's examples
+    "sparse": dict(factor_every=2, eigen_every=2),
 }
 
 
@@ -45,7 +48,7 @@ def accumulate(model: nn.Module, run: nn.Module, opt: EKFAC, kind: str, sizes: l
             (half_mse(run(xi), yi) * (len(xi) / total)).backward()
         for layer in opt.preconditioner.layers:  # the accumulation path ran (the compiled capture's too)
             assert layer.capture.micro_batches == len(sizes)
-            assert (layer.accumulation is not None) == (len(sizes) > 1)
+            assert (layer.accumulation is not None) == (len(sizes) > 1 and layer.capture.enabled)
         opt.step()
         opt.zero_grad()
 
@@ -272,3 +275,60 @@ def test_non_finite_micro_batch_skips_the_step_and_state_dict_mid_accumulation()
     opt.step()
     for p, q in zip(model.parameters(), reference.parameters()):
         assert_rel_close(p, q, 1e-10, "after the skipped step")
+
+
+@pytest.mark.parametrize("kind", ["fused-qkv", "multihead"])
+def test_mac_attention_micro_batches(kind):
+    """MAC's attention statistic v = X̄ᵀ p̄ is a product of two batch means: both are accumulated
+    and multiplied at the step (a sum of per-micro-batch products would differ)."""
+    from ekfac_triton import MAC
+    from tests.curvature.test_mac_attention import CLASSES, D_IN, HEADS, MHAModel, QKVModel
+
+    def make():
+        if kind == "fused-qkv":
+            model = QKVModel(causal=True, bias=True).to(torch.float64)
+            return model, MAC(model, attention_layers={"qkv": {"num_heads": HEADS, "causal": True}}, lr=0.2,
+                              eigen_every=2)
+        model = MHAModel(batch_first=True, bias=True, mask="causal").to(torch.float64)
+        return model, MAC(model, lr=0.2, eigen_every=2)
+
+    results = []
+    for sizes in ([8], [3, 5]):
+        model, opt = make()
+        g = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            x = torch.randn(8, 6, D_IN, generator=g, dtype=torch.float64) + 0.4
+            y = torch.randint(0, CLASSES, (8, 6), generator=g)
+            for xi, yi in zip(x.split(sizes), y.split(sizes)):
+                (mean_ce(model(xi), yi) * (len(xi) / 8)).backward()
+            opt.step()
+            opt.zero_grad()
+        assert any(layer.curvature.value_ema is not None for layer in opt.preconditioner.layers)
+        results.append(([p.detach().clone() for p in model.parameters()],
+                        [t for layer in opt.preconditioner.layers for t in (layer.curvature.mean_ema,
+                         layer.curvature.value_ema) if t is not None]))
+    for p, q in zip(results[1][0], results[0][0]):
+        assert_rel_close(p, q, 1e-10, f"{kind} parameters")
+    for p, q in zip(results[1][1], results[0][1]):
+        assert_rel_close(p, q, 1e-12, f"{kind} MAC statistics")
+
+
+def test_projections_in_a_basis_the_step_replaces_are_refused(monkeypatch):
+    """The guard behind the keep-or-fold decision: projections folded in a basis that the step
+    then refreshes raise instead of entering S (the step is undone)."""
+    from ekfac_triton.step.engine import StepEngine
+
+    model = make_mlp([4, 5, 2], seed=0)
+    opt = EKFAC(model, **EXACT_STEP)  # every step refreshes every basis
+    x, y = seeded_batch(8, (4,), 2, 0)
+    half_mse(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    before = [t.clone() for t in curvature_tensors(opt)]
+    monkeypatch.setattr(StepEngine, "_basis_may_change", lambda self, layer: False)
+    for xi, yi in zip(x.chunk(2), y.chunk(2)):
+        (half_mse(model(xi), yi) / 2).backward()
+    with pytest.raises(RuntimeError, match="changed after its micro-batches were projected"):
+        opt.step()
+    for a, b in zip(curvature_tensors(opt), before):
+        assert torch.equal(a, b)

@@ -332,3 +332,35 @@ def test_projections_in_a_basis_the_step_replaces_are_refused(monkeypatch):
         opt.step()
     for a, b in zip(curvature_tensors(opt), before):
         assert torch.equal(a, b)
+
+
+def test_preconditioner_under_sgd_and_a_grad_scaler_accumulate_exactly():
+    """The standalone Preconditioner (under torch's SGD) and the GradScaler recipe: the captured
+    output-gradients of every micro-batch are unscaled when folded (a power-of-two scale is exact)."""
+    from ekfac_triton import Preconditioner
+
+    def run(sizes: list[int], scaled: bool) -> list[torch.Tensor]:
+        model = make_mlp([5, 7, 6, 3], seed=0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None
+        pre = Preconditioner(model, damping=1e-2, eigen_every=2, grad_scaler=scaler)
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for step in range(3):
+            x, y = seeded_batch(N, (5,), 3, step)
+            for xi, yi in zip(x.split(sizes), y.split(sizes)):
+                loss = half_mse(model(xi), yi) * (len(xi) / N)
+                (scaler.scale(loss) if scaled else loss).backward()
+            if scaled:
+                scaler.unscale_(sgd)
+            assert pre.step()
+            if scaled:
+                scaler.step(sgd)
+                scaler.update()
+            else:
+                sgd.step()
+            sgd.zero_grad()
+        return [p.detach().clone() for p in model.parameters()]
+
+    reference = run(SIZES["one"], scaled=False)
+    for sizes, scaled in ((SIZES["unequal"], False), (SIZES["unequal"], True)):
+        for p, q in zip(run(sizes, scaled), reference):
+            assert_rel_close(p, q, 1e-10, f"Preconditioner, scaled={scaled}")

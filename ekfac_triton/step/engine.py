@@ -13,6 +13,11 @@ runs, and no phase branches on them:
 
 The order makes the exactness contract hold: with ``factor_decay=0, eigen_every=1`` (synchronous)
 the direction is exactly ``(F̂ + λI)⁻¹ ∇L`` for this batch's F̂.
+
+Gradient accumulation (several backward passes before a step): :meth:`StepEngine.fold`, called by
+the capture from the backward, folds each micro-batch into running sums (:class:`Accumulation`);
+the step's statistics and scalings phases then update the EMAs from those sums, normalised by the
+total number of examples (ARCHITECTURE.md, "Gradient accumulation").
 """
 
 from __future__ import annotations

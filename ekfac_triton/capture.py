@@ -24,7 +24,9 @@ Two paths with the same semantics, chosen by the forward hook at trace time:
 
 Both paths keep tensors only while the engine asks for statistics (``enabled``) and only for
 forwards that build a graph and are backpropagated: the pair is recorded when the gradient
-arrives.
+arrives. The one difference: the eager path reads ``enabled`` at the forward, the compiled path
+when the gradient arrives (they differ only if ``step()`` runs between a forward and its
+backward). ``torch.func`` transforms (vmap, grad) are ignored on both paths.
 
 **Gradient accumulation** (ARCHITECTURE.md, "Gradient accumulation"). Every arriving pair is
 tagged with the autograd graph task (one per ``backward()`` call) it arrives in. Pairs from
@@ -32,9 +34,7 @@ tagged with the autograd graph task (one per ``backward()`` call) it arrives in.
 to ``fold`` (set by the engine), which adds it to running sums, so that no micro-batch's tensors
 are kept beyond its own backward (except where the engine asks to keep them). Two pairs in the
 *same* backward pass are one module run several times in one graph (shared weights within one
-forward), which the statistics do not model: ``shared`` records it and the engine refuses it. The one difference: the eager path reads ``enabled`` at the forward, the compiled path
-when the gradient arrives (they differ only if ``step()`` runs between a forward and its
-backward). ``torch.func`` transforms (vmap, grad) are ignored on both paths.
+forward), which the statistics do not model: ``shared`` records it and the engine refuses it.
 """
 
 from __future__ import annotations

@@ -244,6 +244,11 @@ class Curvature(ABC):
         """Like :meth:`scaling_job`, from the folded ``sums`` (default: none)."""
         return None
 
+    def basis_changes(self, engine: EigenEngine, index: int, step: int) -> bool:
+        """Whether a refresh on ``step`` replaces the basis before that step's scalings phase
+        (default: whenever one is due)."""
+        return self.refresh_due(engine, index, step)
+
     def basis_token(self) -> Any:
         """The basis the per-example projections are taken in, as ``(tensor, version)`` pairs
         (None: no basis)."""

@@ -377,6 +377,10 @@ class EigenbasisCurvature(Curvature):
         scalars += [beta, alpha * num_examples]
         return AccumulatedEMA((self.scaling,), (sums["scaling"],), at)
 
+    def basis_changes(self, engine: EigenEngine, index: int, step: int) -> bool:
+        # an asynchronous refresh only submits on its due step (installed at a later one)
+        return self.refresh_due(engine, index, step) and (not self.has_basis or engine.synchronous)
+
     def basis_token(self) -> Any:
         # a new basis is a new tensor, or (CUDA-graph steps) a copy into the old one: a new version
         return tuple((q, q._version) for q in (self.q_out, self.q_in) if q is not None) or None

@@ -447,10 +447,10 @@ class StepEngine:
 
     def _basis_may_change(self, layer: PreconditionedLayer) -> bool:
         """Whether the layer's basis may be replaced before the scalings phase of the next step: a
-        refresh due then (the first basis included), or an asynchronous one in flight."""
+        synchronous refresh due then (the first basis included), or an asynchronous one in flight
+        (installed at the start of the step)."""
         index = self.layers.index(layer)
-        curv = layer.curvature
-        return (curv.refresh_due(self.eigen, index, self.steps) or self.eigen.in_flight(index)
+        return (layer.curvature.basis_changes(self.eigen, index, self.steps) or self.eigen.in_flight(index)
                 or index in getattr(self.distribution, "in_flight", {}))
 
     @torch.no_grad()

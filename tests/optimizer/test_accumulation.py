@@ -364,3 +364,29 @@ def test_preconditioner_under_sgd_and_a_grad_scaler_accumulate_exactly():
     for sizes, scaled in ((SIZES["unequal"], False), (SIZES["unequal"], True)):
         for p, q in zip(run(sizes, scaled), reference):
             assert_rel_close(p, q, 1e-10, f"Preconditioner, scaled={scaled}")
+
+
+def test_asynchronous_refresh_in_flight_keeps_the_micro_batches():
+    """A basis computed on the worker is installed at the start of the next step, before its
+    scalings: the micro-batches are then kept and projected in that basis (the worker is waited
+    for before each step, so both runs install on the same steps)."""
+    results = []
+    for sizes in (SIZES["one"], SIZES["unequal"]):
+        model = make_mlp([5, 7, 6, 3], seed=0)
+        opt = EKFAC(model, lr=0.1, eigen_every=2, stagger=False, synchronous=False)
+        kept = []
+        for step in range(5):
+            x, y = seeded_batch(N, (5,), 3, step)
+            for xi, yi in zip(x.split(sizes), y.split(sizes)):
+                (half_mse(model(xi), yi) * (len(xi) / N)).backward()
+            kept.append(sum(len(layer.accumulation.kept) for layer in opt.preconditioner.layers
+                            if layer.accumulation is not None))
+            opt.preconditioner.eigen.wait()
+            opt.step()
+            opt.zero_grad()
+        results.append(([p.detach().clone() for p in model.parameters()], kept))
+    (ref, _), (got, kept) = results
+    # step 0: the first basis; step 2 submits, step 3 installs: kept on steps 0 and 3 only
+    assert [k > 0 for k in kept] == [True, False, False, True, False], kept
+    for p, q in zip(got, ref):
+        assert_rel_close(p, q, 1e-10, "asynchronous refreshes")

@@ -27,6 +27,14 @@ forwards that build a graph and are backpropagated: the pair is recorded when th
 arrives. The one difference: the eager path reads ``enabled`` at the forward, the compiled path
 when the gradient arrives (they differ only if ``step()`` runs between a forward and its
 backward). ``torch.func`` transforms (vmap, grad) are ignored on both paths.
+
+**Gradient accumulation** (ARCHITECTURE.md, "Gradient accumulation"). Every arriving pair is
+tagged with the autograd graph task (one per ``backward()`` call) it arrives in. Pairs from
+*different* backward passes are micro-batches of one step: from the second one on, each is handed
+to ``fold`` (set by the engine), which adds it to running sums, so that no micro-batch's tensors
+are kept beyond its own backward (except where the engine asks to keep them). Two pairs in the
+*same* backward pass are one module run several times in one graph (shared weights within one
+forward), which the statistics do not model: ``shared`` records it and the engine refuses it.
 """
 
 from __future__ import annotations
@@ -130,11 +138,15 @@ def forget_compiled_calls(model: nn.Module) -> int:
 
 # -- the capture of one module --------------------------------------------------------------------
 class LayerCapture:
-    """The last completed (input, output-gradient) pair of one module since ``clear()``.
+    """The completed (input, output-gradient) pairs of one module since ``clear()``.
 
-    ``completed`` counts pairs whose gradient arrived: more than one between two steps means the
-    module ran several times in one graph (shared weights) or gradients were accumulated over
-    several backwards, which the statistics do not model yet — the engine refuses it clearly.
+    ``completed`` counts pairs whose gradient arrived (on statistics steps); ``micro_batches`` the
+    backward passes they arrived in, and ``examples`` their examples (counted on every step, one
+    count per backward pass). With one micro-batch the pair itself is kept (``inputs``,
+    ``grad_output``); with several (gradient accumulation) each is folded into the engine's running
+    sums through ``fold`` and none is kept here. ``shared`` is set when a pair arrives in the same
+    backward pass as an earlier one (a module run several times in one graph), which the engine
+    refuses; ``error`` holds an exception a fold raised inside the backward, re-raised by the step.
 
     Two modes (:mod:`ekfac_triton.fisher`): with ``keep_loss_grads`` (the empirical Fisher) the
     training backward's output-gradient is kept; without it only the input and the count are, and
@@ -144,7 +156,8 @@ class LayerCapture:
     """
 
     def __init__(self, module: nn.Module,
-                 read_call: Callable[[tuple, dict], tuple[Tensor, Any]] | None = None) -> None:
+                 read_call: Callable[[tuple, dict], tuple[Tensor, Any]] | None = None,
+                 num_examples: Callable[[torch.Size], int] | None = None) -> None:
         self.enabled = False
         self.keep_loss_grads = True
         self.curvature_pass = False
@@ -161,6 +174,20 @@ class LayerCapture:
         #: gradients that arrived at the module's output since ``clear()``, whether statistics were
         #: due or not (0: no backward reached this module since the last step)
         self.arrivals = 0
+        #: backward passes (autograd graph tasks) whose gradients arrived since ``clear()``
+        self.micro_batches = 0
+        #: examples of those backward passes (one count per pass), statistics step or not
+        self.examples = 0
+        #: a pair arrived in the same backward pass as an earlier one (shared weights in one graph)
+        self.shared = False
+        #: ``fold(inputs, grad_output, record, copy)``: the engine's fold of one micro-batch
+        self.fold: Callable[[Tensor, Tensor | None, Any, bool], None] | None = None
+        #: an exception a fold raised inside the backward (re-raised by the step)
+        self.error: BaseException | None = None
+        self._task: int | None = None
+        #: the layer's name, for messages (set by the engine)
+        self.name = "?"
+        self._num_examples = num_examples or (lambda shape: shape[0] if len(shape) else 1)
         #: the tensor version counters of the kept input and output-gradient when captured
         self.versions: tuple[int, int] | None = None
         self.input_shape: torch.Size | None = None
@@ -201,6 +228,16 @@ class LayerCapture:
         their memory once the stash op returns."""
         self.input_shape = shape
         self.arrivals += 1
+        if not self.curvature_pass:
+            # one graph task per backward() call: a second pair in the same one is the module run
+            # twice in one graph, a pair in a new one is the next micro-batch
+            task = torch._C._current_graph_task_id()
+            if task >= 0 and task == self._task:
+                self.shared = True
+            else:
+                self._task = task
+                self.micro_batches += 1
+                self.examples += self._num_examples(shape)
         if inputs is None:  # statistics were not due
             return
         if self.curvature_pass:
@@ -210,11 +247,29 @@ class LayerCapture:
             self.curvature_grads.append(grad.detach().clone() if copy else grad.detach())
             return
         if self.keep_loss_grads:
-            self.inputs = inputs.detach().clone() if copy else inputs
-            self.grad_output = grad.detach().clone() if copy else grad.detach()
-            self.record = record
-            self.versions = (self.inputs._version, self.grad_output._version)
+            if self.micro_batches > 1 and not self.shared and self.fold is not None:
+                self._fold_micro_batch(inputs, grad, record, copy)
+            else:
+                self.inputs = inputs.detach().clone() if copy else inputs
+                self.grad_output = grad.detach().clone() if copy else grad.detach()
+                self.record = record
+                self.versions = (self.inputs._version, self.grad_output._version)
         self.completed += 1
+
+    def _fold_micro_batch(self, inputs: Tensor, grad: Tensor, record: Any, copy: bool) -> None:
+        """Gradient accumulation: hand the kept first pair (once) and this one to ``fold``. An
+        exception is kept for the step to raise: raising here would abort the user's backward."""
+        if self.error is not None:
+            return
+        try:
+            if self.inputs is not None:  # the first micro-batch, kept until now
+                self.check_unchanged(self.name)
+                first = (self.inputs, self.grad_output, self.record)
+                self.inputs = self.grad_output = self.record = self.versions = None
+                self.fold(*first, False)
+            self.fold(inputs.detach(), grad.detach(), record, copy)
+        except Exception as error:  # noqa: BLE001 - re-raised by the step, with its type
+            self.error = error
 
     def check_unchanged(self, name: str) -> None:
         """Raise if the kept input or output-gradient was modified in place since it was captured
@@ -239,6 +294,11 @@ class LayerCapture:
         self.output = None
         self.completed = 0
         self.arrivals = 0
+        self.micro_batches = 0
+        self.examples = 0
+        self.shared = False
+        self.error = None
+        self._task = None
 
     def remove(self) -> None:
         self._handle.remove()

@@ -142,6 +142,11 @@ class EigenEngine:
         for index in [i for i in self._pending if i not in pending]:
             del self._pending[index]
 
+    def in_flight(self, index: int) -> bool:
+        """Whether an asynchronous refresh of layer ``index`` is pending (its basis may be
+        installed at the start of the next step)."""
+        return index in self._pending
+
     def due(self, index: int, step: int) -> bool:
         """Whether layer ``index`` (which has a basis) refreshes it on ``step``."""
         return step >= self.period and step % self.period == self.offsets[index]

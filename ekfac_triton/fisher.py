@@ -188,6 +188,11 @@ def curvature_backward(pre: Any, output: Tensor) -> None:
     if not isinstance(output, Tensor) or not output.requires_grad:
         raise ValueError("Invalid output: curvature_backward needs the model output with its graph "
                          "(requires_grad=True), before loss.backward() frees it")
+    if pre._curvature_passes:
+        raise RuntimeError(f"ekfac_triton: a second curvature backward before step(): gradient accumulation over "
+                           f"several micro-batches is supported with fisher='empirical' only, not with "
+                           f"fisher={config.fisher!r}; call step() after each opt.backward(output, target), or use "
+                           "fisher='empirical'")
     dtype = torch.promote_types(output.dtype, torch.float32)  # no sqrt/softmax in half precision
     vectors = curvature_grad_outputs(config.fisher, config.loss, output.detach().to(dtype), config.mc_samples,
                                      pre.generator)

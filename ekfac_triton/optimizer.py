@@ -35,7 +35,9 @@ class EKFAC(torch.optim.Optimizer):
     parameters by exactly ``-lr·(F̂ + λI)⁻¹ ∇L``.
 
     The loss must be a mean over the batch's first dimension: the per-example statistics
-    rescale autograd's gradients by N.
+    rescale autograd's gradients by N. Gradient accumulation (several ``backward()`` calls
+    before ``step()``, each micro-batch's mean loss scaled by n_i / N) gives the step of one
+    batch of all N examples (ARCHITECTURE.md, "Gradient accumulation").
 
     Fisher types (:mod:`ekfac_triton.fisher`): the default ``fisher="empirical"`` builds the
     statistics from the training backward (``loss.backward(); opt.step()``). ``"mc"`` and

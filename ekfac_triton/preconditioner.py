@@ -111,7 +111,7 @@ class Preconditioner(StepEngine):
             curv = curvature_cls(shape, stats.factor_dtype or _factor_dtype(adapter.weight), adapter.weight.device,
                                  config.options)
             curv.basis_dtype = stats.basis_dtype
-            capture = LayerCapture(adapter.hooked_module, adapter.read_call)
+            capture = LayerCapture(adapter.hooked_module, adapter.read_call, adapter.num_examples)
             self.layers.append(PreconditionedLayer(name, adapter, capture, curv))
         self.device = self.layers[0].adapter.weight.device
         # MC targets are drawn with this generator (on the model's device; saved in state_dict).

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
+from .. import ops
 from ..layers import LayerBatch
 
 if TYPE_CHECKING:
@@ -111,6 +112,25 @@ class RefreshRequest(NamedTuple):
     warm: tuple[Tensor, Tensor] | None
     #: decompose now (the first basis, or a synchronous engine) rather than on the worker
     synchronous: bool
+
+
+class AccumulatedEMA(NamedTuple):
+    """The EMA update of state tensors from the running sums of several micro-batches (gradient
+    accumulation, ARCHITECTURE.md "Gradient accumulation"): ``targets[j] <- β targets[j] + α_j
+    sums[j]`` with ``(β, α_0, α_1, …) = scalars[at:]``; the α_j carry the normalisation by the
+    total number of examples, known only at the step. ``sums`` are temporaries (overwritten)."""
+
+    targets: tuple[Tensor, ...]
+    sums: tuple[Tensor, ...]
+    at: int
+
+    def mutated(self) -> tuple[Tensor, ...]:
+        return self.targets
+
+    def run(self, scalars: Any, finite: Tensor | None, backend: str) -> None:
+        beta = scalars[self.at]
+        for j, (target, total) in enumerate(zip(self.targets, self.sums)):
+            ops.ema(target, total.to(target.dtype), beta, scalars[self.at + 1 + j], finite)
 
 
 class Direction(NamedTuple):
@@ -197,6 +217,41 @@ class Curvature(ABC):
 
     def scaling_job(self, batch: LayerBatch, decay: float, scalars: list[float]) -> Any | None:
         """The job of the statistics measured in the refreshed state (default: none)."""
+        return None
+
+    # -- gradient accumulation (ARCHITECTURE.md, "Gradient accumulation") -------------------------
+    #: whether the scalings phase projects each example into the basis in use then (EKFAC's
+    #: per-example S): a micro-batch can be folded early only while that basis cannot change
+    projects_examples: bool = False
+
+    def fold(self, sums: dict[str, Any], batch: LayerBatch, num_examples: int, *, factors: bool,
+             scaling: bool) -> None:
+        """Add one micro-batch of ``num_examples`` examples to the running ``sums`` (created on
+        first use): its statistics with every output-gradient divided by ``num_examples`` (that
+        is, autograd's own gradient of the micro-batch loss), so that the step can normalise by
+        the total N (:meth:`accumulated_statistics_job`). ``factors``: the statistics-phase sums;
+        ``scaling``: the per-example projections in the current basis."""
+        raise NotImplementedError(f"curvature {self.name!r} does not support gradient accumulation (several "
+                                  "backward() calls before step()): call step() after each backward")
+
+    def accumulated_statistics_job(self, sums: dict[str, Any], num_examples: int, decay: float,
+                                   scalars: list[float]) -> Any:
+        """Like :meth:`statistics_job`, from the folded ``sums`` of ``num_examples`` examples."""
+        raise NotImplementedError(f"curvature {self.name!r} does not support gradient accumulation")
+
+    def accumulated_scaling_job(self, sums: dict[str, Any], num_examples: int, decay: float,
+                                scalars: list[float]) -> Any | None:
+        """Like :meth:`scaling_job`, from the folded ``sums`` (default: none)."""
+        return None
+
+    def basis_changes(self, engine: EigenEngine, index: int, step: int) -> bool:
+        """Whether a refresh on ``step`` replaces the basis before that step's scalings phase
+        (default: whenever one is due)."""
+        return self.refresh_due(engine, index, step)
+
+    def basis_token(self) -> Any:
+        """The basis the per-example projections are taken in, as ``(tensor, version)`` pairs
+        (None: no basis)."""
         return None
 
     @abstractmethod

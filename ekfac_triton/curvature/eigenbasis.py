@@ -28,7 +28,7 @@ from .. import ops
 from ..eigen import Eigh
 from ..layers import LayerBatch
 from . import one_hot
-from .base import Curvature, CurvatureOptions, Direction, LayerShape, RefreshRequest, ema_weights
+from .base import AccumulatedEMA, Curvature, CurvatureOptions, Direction, LayerShape, RefreshRequest, ema_weights
 
 if TYPE_CHECKING:
     from ..eigen_engine import Decomposition, EigenEngine
@@ -331,6 +331,59 @@ class EigenbasisCurvature(Curvature):
         scalars += [beta, alpha / (batch.num_examples * batch.draws)]
         return ScalingJob(self.scaling, batch.g, batch.a, self.q_out, self.q_in, at, self.shape.bias,
                           self.shape.one_hot, self.scaling_mode == "per_position", batch.draws)
+
+    # -- gradient accumulation (ARCHITECTURE.md, "Gradient accumulation") ------------------------
+    @property
+    def projects_examples(self) -> bool:  # type: ignore[override]
+        return self.estimates_per_example
+
+    def fold(self, sums: dict[str, Any], batch: LayerBatch, num_examples: int, *, factors: bool,
+             scaling: bool) -> None:
+        """The factor sums ``Σ w_in ā āᵀ / R`` and ``Σ w_out g gᵀ`` and the projection sum
+        ``Σ_n (Σ_s (Q_outᵀ g)(Q_inᵀ ā)ᵀ)²`` of one micro-batch, g = ĝ / n its autograd
+        output-gradients: the same jobs as one batch, with ``β = 1`` into the sums and the batch's
+        1/n² (g is quadratic in every term; TEKFAC's ‖ĝ‖² input weights too) in α."""
+        inv_sq = 1.0 / (num_examples * num_examples)
+        if factors:
+            a_in = sums.setdefault("in", torch.zeros_like(self.in_factor))
+            a_out = sums.setdefault("out", torch.zeros_like(self.out_factor))
+            weighted = type(self).row_weights is not None
+            job = FactorJob(a_in, a_out, batch.a, batch.g, 0, self.shape.bias, self.shape.one_hot, batch.draws,
+                            type(self).row_weights)
+            job.run([1.0, (inv_sq if weighted else 1.0) / batch.num_positions, inv_sq], None, self.backend)
+        if scaling and self.estimates_per_example:
+            total = sums.setdefault("scaling", torch.zeros_like(self.scaling))
+            job = ScalingJob(total, batch.g, batch.a, self.q_out, self.q_in, 0, self.shape.bias, self.shape.one_hot,
+                             self.scaling_mode == "per_position", batch.draws)
+            job.run([1.0, inv_sq], None, self.backend)
+
+    def accumulated_statistics_job(self, sums: dict[str, Any], num_examples: int, decay: float,
+                                   scalars: list[float]) -> AccumulatedEMA:
+        """The factor EMAs from the sums: ĝ = N·g, so G gets ``α N² / (N·M) = α N / M`` (one
+        draw: M = 1), A ``α / N`` and TEKFAC's Φ (weights ‖ĝ‖² = N²‖g‖²) ``α N``."""
+        beta, alpha = self.next_factor_weights(decay)
+        n = num_examples
+        at = len(scalars)
+        scalars += [beta, alpha * n if type(self).row_weights is not None else alpha / n, alpha * n]
+        return AccumulatedEMA((self.in_factor, self.out_factor), (sums["in"], sums["out"]), at)
+
+    def accumulated_scaling_job(self, sums: dict[str, Any], num_examples: int, decay: float,
+                                scalars: list[float]) -> AccumulatedEMA | None:
+        """The per-example S from the projection sum: ``α N² / N = α N`` (ĝ = N·g)."""
+        if not self.estimates_per_example:
+            return None
+        beta, alpha = self.next_scaling_weights(decay)
+        at = len(scalars)
+        scalars += [beta, alpha * num_examples]
+        return AccumulatedEMA((self.scaling,), (sums["scaling"],), at)
+
+    def basis_changes(self, engine: EigenEngine, index: int, step: int) -> bool:
+        # an asynchronous refresh only submits on its due step (installed at a later one)
+        return self.refresh_due(engine, index, step) and (not self.has_basis or engine.synchronous)
+
+    def basis_token(self) -> Any:
+        # a new basis is a new tensor, or (CUDA-graph steps) a copy into the old one: a new version
+        return tuple((q, q._version) for q in (self.q_out, self.q_in) if q is not None) or None
 
     def direction_job(self, grad: Tensor, damping: float, num_examples: int, decay: float,
                       scalars: list[float]) -> EigenbasisDirection:

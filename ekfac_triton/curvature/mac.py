@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .. import ops
 from ..layers import LayerBatch
-from .base import Curvature, CurvatureOptions, LayerShape, ema_weights
+from .base import AccumulatedEMA, Curvature, CurvatureOptions, LayerShape, ema_weights
 
 if TYPE_CHECKING:
     from ..eigen_engine import EigenEngine
@@ -139,6 +139,62 @@ class MACCurvature(Curvature):
 
     def statistics(self) -> tuple[Tensor, ...]:
         return (self.mean_ema,) if self.value_ema is None else (self.mean_ema, self.value_ema)
+
+    # -- gradient accumulation (ARCHITECTURE.md, "Gradient accumulation") --------------------------
+    def fold(self, sums: dict[str, Any], batch: LayerBatch, num_examples: int, *, factors: bool,
+             scaling: bool) -> None:
+        """The sum of the micro-batch's rows and their count; for attention layers also the sum
+        over examples of each token's row (R, d_in) and ``n·p̄`` (R,): ``v = X̄ᵀ p̄`` is a product of
+        two batch means, so both means are accumulated and multiplied only at the step."""
+        if self.dense_inverse is not None or not factors:
+            return
+        dtype = self.mean_ema.dtype
+        rows = batch.a.reshape(-1, batch.a.shape[-1])
+        if "rows" in sums:
+            sums["rows"] += rows.sum(dim=0, dtype=dtype)
+        else:
+            sums["rows"] = rows.sum(dim=0, dtype=dtype)
+        sums["count"] = sums.get("count", 0) + rows.shape[0]
+        if self.value_ema is None:
+            return
+        if batch.token_weights is None:
+            raise ValueError("an attention layer's batch has no attention weights (token_weights)")
+        tokens = batch.a.sum(dim=0, dtype=dtype)                       # (R, d_in)
+        weights = batch.token_weights.to(dtype) * num_examples          # n·p̄, (R,)
+        if "tokens" in sums and sums["tokens"].shape != tokens.shape:
+            raise ValueError(f"attention layer: micro-batches of {sums['tokens'].shape[0]} and {tokens.shape[0]} "
+                             "tokens; gradient accumulation needs the same sequence length in every micro-batch "
+                             "(as one batch would)")
+        sums["tokens"] = sums["tokens"] + tokens if "tokens" in sums else tokens
+        sums["weights"] = sums["weights"] + weights if "weights" in sums else weights
+
+    def accumulated_statistics_job(self, sums: dict[str, Any], num_examples: int, decay: float,
+                                   scalars: list[float]) -> AccumulatedEMA | None:
+        """m̂ from the rows' sum over their total count (the bias entry 1); for attention layers
+        ``v = (X_sum/N)ᵀ (p_sum/N)``, its bias entry ``Σ_j p̄_j``."""
+        if self.dense_inverse is not None:
+            return None
+        self.factor_updates += 1
+        beta, alpha = ema_weights(decay, self.factor_updates)
+        d = self.shape.d_in
+        targets, values = [self.mean_ema[:d]], [sums["rows"]]
+        weights = [alpha / sums["count"]]
+        if self.shape.bias:
+            targets.append(self.mean_ema[d:])
+            values.append(torch.ones_like(self.mean_ema[d:]))
+            weights.append(alpha)
+        if self.value_ema is not None:
+            n = num_examples
+            targets.append(self.value_ema[:d])
+            values.append(sums["tokens"].T @ sums["weights"])
+            weights.append(alpha / (n * n))
+            if self.shape.bias:
+                targets.append(self.value_ema[d:])
+                values.append(sums["weights"].sum().reshape(1))
+                weights.append(alpha / n)
+        at = len(scalars)
+        scalars += [beta, *weights]
+        return AccumulatedEMA(tuple(targets), tuple(values), at)
 
     # -- refresh ----------------------------------------------------------------------------------
     def refresh_due(self, engine: EigenEngine, index: int, step: int) -> bool:

@@ -13,11 +13,18 @@ runs, and no phase branches on them:
 
 The order makes the exactness contract hold: with ``factor_decay=0, eigen_every=1`` (synchronous)
 the direction is exactly ``(F̂ + λI)⁻¹ ∇L`` for this batch's F̂.
+
+Gradient accumulation (several backward passes before a step): :meth:`StepEngine.fold`, called by
+the capture from the backward, folds each micro-batch into running sums (:class:`Accumulation`);
+the step's statistics and scalings phases then update the EMAs from those sums, normalised by the
+total number of examples (ARCHITECTURE.md, "Gradient accumulation").
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +52,29 @@ class PreconditionedLayer:
     capture: LayerCapture
     curvature: Curvature
     warned: bool = field(default=False)
+    #: gradient accumulation: what this step's micro-batches folded so far (None: at most one)
+    accumulation: Accumulation | None = field(default=None)
+
+
+@dataclass(eq=False)
+class Accumulation:
+    """The micro-batches of one step folded so far (ARCHITECTURE.md, "Gradient accumulation").
+
+    ``sums``: the curvature's running sums (:meth:`Curvature.fold`), whose size does not depend on
+    the number of micro-batches; ``kept``: the raw captures ``(inputs, grad_output, record,
+    versions)`` kept for the per-example projections when the basis may change on this step
+    (together one full batch); ``basis``: the basis the folded projections were taken in;
+    ``num_examples``: the local N of the step, set at collect."""
+
+    sums: dict[str, Any] = field(default_factory=dict)
+    kept: list[tuple[Tensor, Tensor | None, Any, tuple[int, int | None]]] = field(default_factory=list)
+    basis: Any = None
+    num_examples: int = 0
+
+    def tensors(self) -> list[Tensor]:
+        """What the step's non-finite check reads."""
+        return [t for t in self.sums.values() if isinstance(t, Tensor)] + [
+            t for kept in self.kept for t in kept[:2] if t is not None]
 
 
 @dataclass
@@ -154,6 +184,10 @@ class StepEngine:
         empirical = self.config.fisher.fisher == "empirical"
         for layer in self.layers:
             layer.capture.clear()
+            layer.accumulation = None
+            if layer.capture.fold is None:
+                layer.capture.name = layer.name
+                layer.capture.fold = functools.partial(_fold, weakref.ref(self), layer)
             layer.capture.enabled = enabled
             layer.capture.keep_loss_grads = empirical
             layer.capture.keep_outputs = not empirical
@@ -210,8 +244,8 @@ class StepEngine:
         batches = self._collect(grads) if stats_step else {}
         # A layer no backward reached since the last step (its gradient zeros, or left from before)
         # has 0 examples: no statistics this step, and no batch-scaling update (curvature.base).
-        examples = [layer.adapter.num_examples(layer.capture.input_shape)
-                    if layer in grads and layer.capture.arrivals else 0 for layer in self.layers]
+        examples = [self._num_examples(layer) if layer in grads and layer.capture.arrivals else 0
+                    for layer in self.layers]
         checked = self._check(tx, grads, batches, also_check, examples)
         if checked is None:
             return None
@@ -223,7 +257,9 @@ class StepEngine:
                    if layer in batches}  # data-parallel: N_rank / N, the averaged EMA is that of all ranks
         decay = self.config.factor_decay
         scalars: list[float] = []
-        jobs = [layer.curvature.statistics_job(batch, decay, scalars) for layer, batch in batches.items()]
+        jobs = [layer.curvature.accumulated_statistics_job(batch.sums, batch.num_examples, decay, scalars)
+                if isinstance(batch, Accumulation) else layer.curvature.statistics_job(batch, decay, scalars)
+                for layer, batch in batches.items()]
         self._run_jobs(tx, "factors", maths.update_factors, jobs, scalars, mask,
                        [(weights[layer], layer.curvature.statistics()) for layer in batches])
         due = self._due(grads)
@@ -231,7 +267,9 @@ class StepEngine:
             return None  # an overflowing statistic: caught before it reaches an eigendecomposition
         self._refresh(tx, due)
         scalars = []
-        jobs = [layer.curvature.scaling_job(batch, decay, scalars) for layer, batch in batches.items()]
+        jobs = [self._accumulated_scaling_job(layer, batch, decay, scalars)
+                if isinstance(batch, Accumulation) else layer.curvature.scaling_job(batch, decay, scalars)
+                for layer, batch in batches.items()]
         self._run_jobs(tx, "scalings", maths.update_scalings, jobs, scalars, mask,
                        [(weights[layer], layer.curvature.refreshed_statistics()) for layer in batches])
         plan = self._plan_directions(grads, examples, damping_of, fused, mask)
@@ -296,7 +334,9 @@ class StepEngine:
         agree, or on a step that refreshes or installs a basis (the compiled step: also a first
         EMA update); otherwise the flag joins :meth:`check`."""
         checks = list(grads.values()) + [t for t in also_check if t is not None]
-        checks += [t for b in batches.values() for t in (b.a, b.g, b.token_weights) if t is not None]
+        checks += [t for b in batches.values()
+                   for t in (b.tensors() if isinstance(b, Accumulation) else (b.a, b.g, b.token_weights))
+                   if t is not None]
         agreement = self.distribution.agree(self.execution.all_finite(checks, self.device), examples)
         finite, examples = agreement.finite, agreement.examples
         special = self._special_step(grads, batches)
@@ -421,10 +461,23 @@ class StepEngine:
                 raise RuntimeError(f"ekfac_triton: no input/output-gradient was captured for layer {layer.name!r} "
                                    "since the last step (its forward ran before the last step() and its backward "
                                    "after it); run the forward and backward of the batch between steps")
-            if cap.completed > 1:
-                raise RuntimeError(f"ekfac_triton: layer {layer.name!r} ran {cap.completed} times with a backward since "
-                                   "the last step (shared weights or gradient accumulation), which this version does "
-                                   "not model; call step() after each forward/backward")
+            if cap.shared:
+                raise RuntimeError(f"ekfac_triton: layer {layer.name!r} ran {cap.completed} times in one backward pass "
+                                   "(shared weights: the module is called more than once in one forward graph), "
+                                   "which this version does not model; gradient accumulation over several "
+                                   "backward() calls before step() is supported, one call of the module per backward")
+            if cap.error is not None:
+                raise cap.error  # raised while folding a micro-batch inside the backward
+            if cap.micro_batches > 1 and not empirical:
+                raise RuntimeError(f"ekfac_triton: layer {layer.name!r} received {cap.micro_batches} backward passes "
+                                   f"since the last step; gradient accumulation is supported with fisher='empirical' "
+                                   f"only, not with fisher={self.config.fisher.fisher!r}: call step() after each "
+                                   "opt.backward(output, target), or use fisher='empirical'")
+            if layer.accumulation is not None:
+                self._check_kept(layer)
+                layer.accumulation.num_examples = cap.examples
+                batches[layer] = layer.accumulation
+                continue
             if not empirical:
                 batches[layer] = self._curvature_batch(layer)
                 continue
@@ -452,3 +505,87 @@ class StepEngine:
         batch = layer.adapter.batch_draws(cap.inputs, cap.curvature_grads)
         cap.curvature_grads = []  # the batch holds them now (stacked): do not keep both until the step ends
         return batch
+
+    # -- gradient accumulation (ARCHITECTURE.md, "Gradient accumulation") ---------------------------
+    def _num_examples(self, layer: PreconditionedLayer) -> int:
+        """N of the step: the examples of every backward pass since the last step (local ones:
+        data-parallel ranks add theirs in the agreement)."""
+        cap = layer.capture
+        return cap.examples if cap.micro_batches else layer.adapter.num_examples(cap.input_shape)
+
+    def _basis_may_change(self, layer: PreconditionedLayer) -> bool:
+        """Whether the layer's basis may be replaced before the scalings phase of the next step: a
+        synchronous refresh due then (the first basis included), or an asynchronous one in flight
+        (installed at the start of the step)."""
+        index = self.layers.index(layer)
+        return (layer.curvature.basis_changes(self.eigen, index, self.steps) or self.eigen.in_flight(index)
+                or index in getattr(self.distribution, "in_flight", {}))
+
+    @torch.no_grad()
+    def fold(self, layer: PreconditionedLayer, inputs: Tensor, grad_output: Tensor | None, record: Any,
+             copy: bool) -> None:
+        """Fold one micro-batch of ``layer`` into its running sums (called by the capture, from
+        the backward; ``copy``: the tensors belong to a compiled graph and must be copied to be
+        kept). Its per-example projections are folded too when the basis of the next scalings phase
+        is the current one; otherwise the micro-batch's capture is kept for that phase."""
+        curv = layer.curvature
+        acc = layer.accumulation
+        if acc is None:
+            acc = layer.accumulation = Accumulation()
+        n = layer.adapter.num_examples(inputs.shape)
+        unscale = self._capture_unscale()
+        grad_output = None if curv.inputs_only else grad_output
+        if unscale is not None and grad_output is not None:
+            grad_output = grad_output.to(torch.promote_types(grad_output.dtype, torch.float32)) * unscale
+            copy = False  # already a new tensor
+        project = curv.projects_examples
+        keep = project and self._basis_may_change(layer)
+        with torch.autocast(self.device.type, enabled=False):
+            batch = layer.adapter.batch(inputs, grad_output, record)
+            curv.fold(acc.sums, batch, n, factors=True, scaling=project and not keep)
+        if project and not keep:
+            acc.basis = curv.basis_token()
+        if keep:
+            if copy:
+                inputs = inputs.clone()
+                grad_output = None if grad_output is None else grad_output.clone()
+            versions = (inputs._version, None if grad_output is None else grad_output._version)
+            acc.kept.append((inputs, grad_output, record, versions))
+
+    def _check_kept(self, layer: PreconditionedLayer) -> None:
+        """Raise if a kept micro-batch was modified in place before the step (as a kept pair)."""
+        for inputs, grad_output, _, (v_in, v_out) in layer.accumulation.kept:
+            if inputs._version != v_in or (grad_output is not None and grad_output._version != v_out):
+                raise RuntimeError(f"ekfac_triton: a micro-batch captured for layer {layer.name!r} was modified in "
+                                   "place between its backward() and step(); the statistics would silently change. "
+                                   "Do not overwrite the batches (or their gradients) before step()")
+
+    def _accumulated_scaling_job(self, layer: PreconditionedLayer, acc: Accumulation, decay: float,
+                                 scalars: list[float]) -> Any:
+        """Phase 6 for an accumulated layer: the kept micro-batches' projections in the basis in use
+        now (folded one at a time, each dropped after), then the scaling EMA from the sums."""
+        curv = layer.curvature
+        if curv.projects_examples:
+            if acc.basis is not None and not _same_basis(acc.basis, curv.basis_token()):
+                raise RuntimeError(f"ekfac_triton: internal error: the basis of layer {layer.name!r} changed after "
+                                   "its micro-batches were projected into it")
+            while acc.kept:
+                inputs, grad_output, record, _ = acc.kept.pop(0)
+                with torch.autocast(self.device.type, enabled=False):
+                    batch = layer.adapter.batch(inputs, grad_output, record)
+                    curv.fold(acc.sums, batch, layer.adapter.num_examples(inputs.shape), factors=False, scaling=True)
+        return curv.accumulated_scaling_job(acc.sums, acc.num_examples, decay, scalars)
+
+
+def _fold(engine: weakref.ref, layer: PreconditionedLayer, inputs: Tensor, grad_output: Tensor | None, record: Any,
+          copy: bool) -> None:
+    """The capture's ``fold`` (a weak reference: the model's hooks do not keep the optimizer alive)."""
+    owner = engine()
+    if owner is not None:
+        owner.fold(layer, inputs, grad_output, record, copy)
+
+
+def _same_basis(a: Any, b: Any) -> bool:
+    """Whether two :meth:`Curvature.basis_token` results are the same tensors at the same versions."""
+    return (a is None) == (b is None) and (a is None or (len(a) == len(b) and all(
+        x is y and vx == vy for (x, vx), (y, vy) in zip(a, b))))

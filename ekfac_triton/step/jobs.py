@@ -9,15 +9,24 @@ from typing import Any
 
 from torch import Tensor
 
-#: fields holding the batch's own tensors (new every step), not state
-BATCH_FIELDS = frozenset({"a", "g", "grad", "token_weights"})
+#: fields holding the batch's own tensors (new every step), not state; ``sums``: the running
+#: sums of gradient accumulation (new every step too)
+BATCH_FIELDS = frozenset({"a", "g", "grad", "token_weights", "sums"})
 
 
 def state_tensors(job: Any) -> list[Tensor]:
     """The state tensors a job updates or reads every step (CUDA graphs keep their addresses):
-    its tensor fields other than the batch's own."""
-    return [getattr(job, name) for name in job._fields
-            if name not in BATCH_FIELDS and isinstance(getattr(job, name), Tensor)]
+    its tensor fields (or tuples of tensors) other than the batch's own."""
+    out = []
+    for name in job._fields:
+        value = getattr(job, name)
+        if name in BATCH_FIELDS:
+            continue
+        if isinstance(value, Tensor):
+            out.append(value)
+        elif isinstance(value, tuple):
+            out += [t for t in value if isinstance(t, Tensor)]
+    return out
 
 
 def mutated(job: Any) -> tuple[Tensor, ...]:

@@ -217,6 +217,29 @@ def scenario_asynchronous(rank: int) -> dict:
             "params": [p.detach().clone() for p in model.parameters()]}
 
 
+def scenario_accumulation(rank: int) -> dict:
+    """DDP with ``no_sync()`` gradient accumulation: each rank's 6 examples as micro-batches of 2
+    and 4, each loss scaled by n_i / N_local; equals one process on the concatenated batch."""
+    kwargs = dict(KWARGS, eigen_every=2)
+    model = make_model("mlp")
+    ddp = DDP(model)
+    opt = EKFAC(ddp, **kwargs)
+    part = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+    for step in range(4):
+        x, y = global_batch("mlp", step)
+        x, y = x[part], y[part]
+        opt.zero_grad()
+        with ddp.no_sync():
+            (half_mse(ddp(x[:2]), y[:2]) * (2 / N_LOCAL)).backward()
+        (half_mse(ddp(x[2:]), y[2:]) * (4 / N_LOCAL)).backward()
+        opt.step()
+    reference = make_model("mlp")
+    ref_opt = EKFAC(reference, **kwargs)
+    train(reference, ref_opt, "mlp", range(4))
+    return {"params": [p.detach().clone() for p in model.parameters()],
+            "reference": [p.detach().clone() for p in reference.parameters()], "state": snapshot(opt)}
+
+
 EQUIVALENCE = {  # (kind, how the gradients are averaged, curvature, scaling, other settings)
     "mlp-ddp-ekfac": ("mlp", "ddp", "ekfac", "per_example", {}),
     "conv-ddp-ekfac": ("conv", "ddp", "ekfac", "per_example", {}),
@@ -236,6 +259,7 @@ CASES = {
        for name, (kind, mode, curvature, scaling, settings) in EQUIVALENCE.items()},
     "preconditioner": (scenario_preconditioner_with_sgd, {}),
     "uneven": (scenario_uneven, {}),
+    "accumulation": (scenario_accumulation, {}),
     "nan": (scenario_nan_on_one_rank, {}),
     "checkpoint": (scenario_save_on_rank0_load_on_all, {}),
     # eigen_every=3, all layers at offset 0: step 6 submits every refresh, the save follows it
@@ -338,6 +362,14 @@ def test_statistics_with_uneven_local_batches_are_those_of_the_union(ranks):
     assert statistics
     for k in statistics:
         torch.testing.assert_close(state[k], reference[k], atol=1e-12, rtol=1e-10, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.slow
+def test_no_sync_gradient_accumulation_equals_one_process(ranks):
+    ranks = case(ranks, "accumulation")
+    for rank, result in enumerate(ranks):
+        assert_params_close(result["params"], result["reference"], 1e-10, f"rank {rank} vs one process")
+    assert_same_state(ranks[0]["state"], ranks[1]["state"], "rank 0 vs rank 1")
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .config import argument_docs, check_bool, check_group
 from .curvature import CURVATURES, Curvature
+from .discovery import Coverage, coverage
 from .distributed import unwrap_model
 from .layers import weight_and_bias
 from .layers.base import MatrixLayout
@@ -162,6 +163,14 @@ class EKFAC(torch.optim.Optimizer):
         """Every module with a weight that gets the plain update instead, with its reason."""
         return self._preconditioner.plain_update_report()
 
+    def coverage(self) -> Coverage:
+        """The fraction of this optimizer's trainable elements (its parameter groups) that get
+        curvature-preconditioned directions, and the names of the others
+        (:class:`~ekfac_triton.discovery.Coverage`)."""
+        ours = {id(p) for group in self.param_groups for p in group["params"]}
+        named = [(n, p) for n, p in self._preconditioner._named_parameters if id(p) in ours]
+        return coverage(named, [layer.adapter for layer in self._preconditioner.layers])
+
     def remove_hooks(self) -> None:
         """Remove the hooks on the model (the optimizer cannot update statistics afterwards)."""
         self._preconditioner.remove_hooks()
@@ -297,7 +306,8 @@ class EKFAC(torch.optim.Optimizer):
 
     @staticmethod
     def _fusable(layer: PreconditionedLayer) -> bool:
-        return bool(getattr(layer.curvature, "fusable", False))
+        # the fused kernel updates rows of a (d_out, d_in) weight: a transposed one (Conv1D) is not fused
+        return bool(getattr(layer.curvature, "fusable", False)) and not layer.adapter.layout.transposed
 
     def _momentum_buffer(self, p: Tensor) -> Tensor:
         state = self.state[p]

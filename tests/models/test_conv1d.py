@@ -55,6 +55,7 @@ def lockstep(model, opt, twin, twin_opt, steps: int, what: str, tol: float = 1e-
             assert_rel_close(p, expected, tol, f"{what} step {step} {name}")
 
 
+@pytest.mark.slow
 def test_ekfac_does_not_import_transformers():
     code = "import sys, ekfac_triton; assert 'transformers' not in sys.modules, 'transformers imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

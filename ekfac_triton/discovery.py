@@ -99,13 +99,13 @@ def discover(model: nn.Module, *, inputs_only: bool, modules: Sequence[nn.Module
     parents = {id(child): parent for parent in model.modules() for child in parent.children()}
     candidates: list[tuple[str, LayerAdapter]] = []
     # every module holding each weight tensor itself, whatever its kind (tied weights)
-    users: dict[int, list[str]] = {}
+    users: dict[int, list[tuple[str, Tensor | None]]] = {}
     for name, module in model.named_modules():
         label = name or type(module).__name__
-        weight = weight_and_bias(module)[0]
+        weight, bias = weight_and_bias(module)
         has_weight = isinstance(weight, Tensor)
         if has_weight and _own_weight(module):
-            users.setdefault(id(weight), []).append(label)
+            users.setdefault(id(weight), []).append((label, bias))
         if wanted is not None and id(module) not in wanted:
             if has_weight:
                 found.plain[label] = "its parameters are not in this optimizer's parameter groups"
@@ -134,11 +134,14 @@ def discover(model: nn.Module, *, inputs_only: bool, modules: Sequence[nn.Module
             found.layers.append((name, adapter))
     for key, names in users.items():
         if key in owner:
-            for name in names:
+            for name, bias in names:
                 if name != owner[key]:
                     found.tied[name] = owner[key]
                     found.plain.pop(name, None)
                     found.unsupported.pop(name, None)
+                    if bias is not None and bias.requires_grad:  # the weight is covered, the bias is not
+                        found.plain[name] = (f"its weight is tied to {owner[key]!r}, which preconditions it; its "
+                                             "bias gets the plain update")
     return found
 
 

@@ -71,7 +71,7 @@ class EKFAC(torch.optim.Optimizer):
             (:mod:`ekfac_triton.step.execution`): such a skip leaves parameters and state
             bit-identical but issues no warning and still advances the step and EMA counts;
             ``preconditioner.skipped_steps`` counts it. EKFAC, K-FAC and TEKFAC, single process,
-            empirical Fisher, nn.Linear and nn.Conv2d layers. With a GradScaler every step still
+            empirical Fisher, nn.Linear, transformers Conv1D and nn.Conv2d layers. With a GradScaler every step still
             syncs once (``found_inf`` is read on the host).
         **options: the engine's settings, all keyword-only:
 {arguments}
@@ -118,8 +118,8 @@ class EKFAC(torch.optim.Optimizer):
         other = [f"{layer.name} ({type(layer.adapter.module).__name__})" for layer in pre.layers
                  if not layer.adapter.compiles]
         if other:
-            raise ValueError(f"Invalid compile_step with layers {other}: the compiled step covers nn.Linear and "
-                             "nn.Conv2d (exclude the others with params=...)")
+            raise ValueError(f"Invalid compile_step with layers {other}: the compiled step covers nn.Linear, "
+                             "transformers Conv1D and nn.Conv2d (exclude the others with params=...)")
         pre.execution = Compiled(options, pre.device)
         if pre.execution.cudagraphs:
             for layer in pre.layers:

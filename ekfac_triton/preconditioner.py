@@ -52,9 +52,11 @@ class Preconditioner(StepEngine):
         pre.backward(model(x), y); pre.step(); opt.step(); opt.zero_grad()
 
     Args:
-        model: the module whose ``nn.Linear``, ``nn.Conv2d`` (groups=1, zero padding) and
-            ``nn.Embedding`` (no max_norm, not sparse; not with ``curvature="mac"``) submodules
-            (subclasses included; more kinds with :func:`ekfac_triton.register_adapter`) are
+        model: the module whose ``nn.Linear``, transformers ``Conv1D``, ``nn.Conv2d`` (groups=1,
+            zero padding) and ``nn.Embedding`` (no max_norm, not sparse; not with
+            ``curvature="mac"``) submodules (subclasses included; more kinds with
+            :func:`ekfac_triton.register_adapter`; a tied weight by one owner, see
+            :mod:`ekfac_triton.discovery`) are
             preconditioned (with ``curvature="mac"`` also depthwise convolutions and
             self-attention ``nn.MultiheadAttention``); hooks are registered on them
             (:meth:`remove_hooks`). May be wrapped in DistributedDataParallel.

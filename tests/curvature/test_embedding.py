@@ -299,6 +299,18 @@ def test_tied_weight_follows_modules_and_frozen_users() -> None:
     assert pre.coverage().plain == ("0.weight",)
 
 
+def test_tied_linear_users_other_than_the_owner_report_their_bias() -> None:
+    """Two Linear layers sharing a weight: the first owns it; the second's own bias is named."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    model = nn.Sequential(first, nn.Tanh(), second).to(DTYPE)
+    with pytest.warns(UserWarning, match="'2': its weight is tied to '0'.*bias"):
+        opt = EKFAC(model)
+    assert opt.preconditioned_modules() == ["0"] and opt.preconditioner.tied == {"2": "0"}
+    assert opt.coverage().plain == ("2.bias",)
+
+
 class OneHotLinearModel(TokenModel):
     """``TokenModel`` with the embedding replaced by the same map written as a Linear layer on
     dense one-hot rows: what the one-hot curvature mode must reproduce exactly."""

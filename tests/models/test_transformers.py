@@ -95,9 +95,11 @@ def test_gpt2_mac_with_attention_on_every_c_attn():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_compiled_step_runs_and_is_finite(name, one_torch_thread):
-    """compile_step covers Linear and Conv1D layers: the untied embeddings are left out of params."""
+    """compile_step covers Linear and Conv1D layers: the untied embeddings are left out of params.
+    (BERT, whose layers are the same kinds, is left out: its ~15 layers took 4.5 min to compile on
+    the loaded CI box.)"""
     torch._dynamo.reset()
     builder, loss_fn, _, tied = MODELS[name]
     model = builder()

@@ -211,23 +211,19 @@ def preconditioned_fraction(model: nn.Module, hparams: dict[str, Any]) -> dict[s
     try:
         names = optimizer.preconditioned_modules()
         plain = optimizer.plain_update_report()
+        report = optimizer.coverage()
     finally:
         optimizer.remove_hooks()
-    total = {id(p): p.numel() for p in model.parameters() if p.requires_grad}
-    covered = {id(p) for name in names for p in model.get_submodule(name).parameters(recurse=False)}
+    named = dict(model.named_parameters())
     reasons: dict[str, dict[str, Any]] = {}
-    seen = set(covered)                     # a tied weight is counted once, under its first module
     for name, reason in plain.items():
         module = model.get_submodule(name)
         entry = reasons.setdefault(f"{type(module).__name__}: {reason}", dict(modules=0, parameters=0))
         entry["modules"] += 1
-        for p in module.parameters(recurse=False):
-            if id(p) not in seen:
-                seen.add(id(p))
-                entry["parameters"] += p.numel()
-    n_covered = sum(total[i] for i in covered if i in total)
-    return dict(fraction=n_covered / sum(total.values()), preconditioned_parameters=n_covered,
-                parameters=sum(total.values()), preconditioned_modules=names, plain_update=reasons,
+        entry["parameters"] += sum(named[f"{name}.{local}"].numel() for local, _ in module.named_parameters(recurse=False)
+                                   if f"{name}.{local}" in report.plain)
+    return dict(fraction=report.fraction, preconditioned_parameters=report.preconditioned,
+                parameters=report.trainable, preconditioned_modules=names, plain_update=reasons,
                 warnings=sorted({str(w.message) for w in caught}))
 
 

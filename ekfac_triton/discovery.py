@@ -1,14 +1,26 @@
 """Which modules of a model are preconditioned, by which layer adapter, and why the others are not.
 
 Adapters are matched by ``isinstance``, the most specific registered type first (so an
-``nn.Linear`` subclass gets the Linear adapter unless its own type is registered).
+``nn.Linear`` subclass gets the Linear adapter unless its own type is registered). Layer kinds of
+optional packages (transformers' ``Conv1D``) are matched by the qualified name of a class in the
+module's MRO (:data:`~ekfac_triton.layers.ADAPTERS_BY_NAME`), so that ekfac_triton never imports
+them.
 :func:`register_adapter` adds a layer kind: a :class:`~ekfac_triton.layers.LayerAdapter` subclass
 in its own file plus one registration::
 
     register_adapter(MyLayer, MyLayerAdapter)
 
 :func:`discover` walks the model once and returns the preconditioned layers and a report of
-every module with a weight that is left to the plain update, with its reason.
+every module with a weight that is left to the plain update, with its reason;
+:func:`plain_update_warning` is the one warning issued about them at construction, and
+:func:`coverage` the fraction of the trainable elements that are preconditioned.
+
+Tied weights (one tensor used by several modules, e.g. an embedding shared with the output head):
+the tensor is preconditioned by one of its users, its *owner* — the first preconditioned user in
+model order whose inputs are dense (the output head rather than the embedding), else the first
+preconditioned user — from the owner's statistics alone, applied to the whole (summed) gradient.
+The other users are reported in ``Discovery.tied``; they are not hooked and are not on the plain
+update (ARCHITECTURE.md, "Tied weights", has the rule and the measurement that chose it).
 """
 
 from __future__ import annotations
@@ -19,7 +31,7 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from .layers import ADAPTERS, LayerAdapter, MultiheadAttentionAdapter, MultiheadAttentionOutputAdapter
+from .layers import ADAPTERS, ADAPTERS_BY_NAME, LayerAdapter, MultiheadAttentionAdapter, MultiheadAttentionOutputAdapter
 from .layers import weight_and_bias
 
 #: an adapter class, or a factory ``module -> adapter``; optionally with ``unsupported_reason``
@@ -53,7 +65,7 @@ def adapter_for(module: nn.Module, inputs_only: bool = False, parent: nn.Module 
         reason = reason or MultiheadAttentionAdapter.unsupported_reason(parent, inputs_only)
         return partial(MultiheadAttentionOutputAdapter, attention=parent), reason
     for kind in type(module).__mro__:  # the most specific registered type
-        cls = ADAPTERS.get(kind)
+        cls = ADAPTERS.get(kind) or ADAPTERS_BY_NAME.get(f"{kind.__module__}.{kind.__qualname__}")
         if cls is not None:
             check = getattr(cls, "unsupported_reason", None)
             return cls, None if check is None else check(module, inputs_only)
@@ -66,10 +78,12 @@ class Discovery:
 
     #: ``(name, adapter)`` of each preconditioned module, in model order
     layers: list[tuple[str, LayerAdapter]] = field(default_factory=list)
-    #: known layer kinds in a configuration that is not preconditioned: name -> reason (warned)
+    #: known layer kinds in a configuration that is not preconditioned: name -> reason
     unsupported: dict[str, str] = field(default_factory=dict)
-    #: every module with a weight left to the plain update: name -> reason
+    #: every module with a weight left to the plain update: name -> reason (one warning names them all)
     plain: dict[str, str] = field(default_factory=dict)
+    #: modules whose weight is tied to a preconditioned module that owns it: name -> the owner's name
+    tied: dict[str, str] = field(default_factory=dict)
 
 
 def discover(model: nn.Module, *, inputs_only: bool, modules: Sequence[nn.Module] | None = None) -> Discovery:
@@ -84,9 +98,14 @@ def discover(model: nn.Module, *, inputs_only: bool, modules: Sequence[nn.Module
     wanted = None if modules is None else {id(m) for m in modules}
     parents = {id(child): parent for parent in model.modules() for child in parent.children()}
     candidates: list[tuple[str, LayerAdapter]] = []
+    # every module holding each weight tensor itself, whatever its kind (tied weights)
+    users: dict[int, list[tuple[str, Tensor | None]]] = {}
     for name, module in model.named_modules():
         label = name or type(module).__name__
-        has_weight = isinstance(weight_and_bias(module)[0], Tensor)
+        weight, bias = weight_and_bias(module)
+        has_weight = isinstance(weight, Tensor)
+        if has_weight and _own_weight(module):
+            users.setdefault(id(weight), []).append((label, bias))
         if wanted is not None and id(module) not in wanted:
             if has_weight:
                 found.plain[label] = "its parameters are not in this optimizer's parameter groups"
@@ -104,20 +123,84 @@ def discover(model: nn.Module, *, inputs_only: bool, modules: Sequence[nn.Module
             found.unsupported[label] = "the weight is frozen (requires_grad=False)"
             continue
         candidates.append((label, adapter))
-    # Tied weights (an embedding shared with the output head): the gradient sums both uses,
-    # which per-layer statistics do not model, and two directions for one tensor would
-    # silently overwrite each other. Both modules get the plain update.
-    users: dict[int, list[str]] = {}
-    for name, adapter in candidates:
-        users.setdefault(id(adapter.weight), []).append(name)
-    for name, adapter in candidates:
-        shared = [other for other in users[id(adapter.weight)] if other != name]
-        if shared:
-            found.unsupported[name] = (f"its weight is shared with {shared} (tied weights are not modelled: the "
-                                       "gradient sums both uses)")
-    found.layers = [(name, adapter) for name, adapter in candidates if name not in found.unsupported]
     found.plain.update(found.unsupported)
+    # Tied weights: one owner per tensor (module docstring); two directions for one tensor would
+    # overwrite each other, so the other users get no layer of their own.
+    owner: dict[int, str] = {}
+    for name, adapter in sorted(candidates, key=lambda c: c[1].one_hot_inputs):  # stable: model order kept
+        owner.setdefault(id(adapter.weight), name)
+    for name, adapter in candidates:
+        if owner[id(adapter.weight)] == name:
+            found.layers.append((name, adapter))
+    for key, names in users.items():
+        if key in owner:
+            for name, bias in names:
+                if name != owner[key]:
+                    found.tied[name] = owner[key]
+                    found.plain.pop(name, None)
+                    found.unsupported.pop(name, None)
+                    if bias is not None and bias.requires_grad:  # the weight is covered, the bias is not
+                        found.plain[name] = (f"its weight is tied to {owner[key]!r}, which preconditions it; its "
+                                             "bias gets the plain update")
     return found
+
+
+def plain_update_warning(found: Discovery) -> str | None:
+    """The one warning about the modules with a weight left to the plain update, each named with
+    its reason (None when there are none)."""
+    if not found.plain:
+        return None
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in found.plain.items():
+        by_reason.setdefault(reason, []).append(repr(name))
+    listed = "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
+    return (f"ekfac_triton: {len(found.plain)} module(s) with a weight are not preconditioned and get the plain "
+            f"update: {listed}")
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of a model's trainable parameters the preconditioner covers.
+
+    Attributes:
+        preconditioned: trainable elements that get curvature-preconditioned directions (a
+            tied weight counted once, as preconditioned by its owner).
+        trainable: all trainable elements (``requires_grad`` parameters, each tensor once).
+        plain: names of the trainable parameters on the plain update.
+    """
+
+    preconditioned: int
+    trainable: int
+    plain: tuple[str, ...]
+
+    @property
+    def fraction(self) -> float:
+        """``preconditioned / trainable`` (1.0 with no trainable element)."""
+        return self.preconditioned / self.trainable if self.trainable else 1.0
+
+
+def coverage(named_parameters: Sequence[tuple[str, Tensor]], layers: Sequence[LayerAdapter]) -> Coverage:
+    """The :class:`Coverage` of ``layers`` over ``named_parameters`` (the trainable ones count;
+    a tensor listed under several names counts once).
+
+    Args:
+        named_parameters: ``(name, parameter)`` pairs, e.g. ``model.named_parameters()``.
+        layers: the preconditioned layers' adapters.
+    """
+    covered = {id(p) for adapter in layers for p in adapter.params}
+    seen: set[int] = set()
+    preconditioned = trainable = 0
+    plain = []
+    for name, p in named_parameters:
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        trainable += p.numel()
+        if id(p) in covered:
+            preconditioned += p.numel()
+        else:
+            plain.append(name)
+    return Coverage(preconditioned, trainable, tuple(plain))
 
 
 def _own_weight(module: nn.Module) -> bool:

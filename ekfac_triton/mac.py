@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from .curvature import LayerShape
 from .distributed import unwrap_model
-from .layers import AttentionSpec, FusedQKVAdapter, MultiheadAttentionOutputAdapter
+from .layers import (AttentionSpec, Conv1DAdapter, FusedQKVAdapter, FusedQKVConv1DAdapter,
+                     MultiheadAttentionOutputAdapter)
 from .optimizer import EKFAC
 from .preconditioner import PreconditionedLayer, Preconditioner
 
@@ -92,7 +93,8 @@ def attention_specs(attention_layers: Mapping[str, Any] | None) -> dict[str, Att
 
 
 def mark_attention_layers(pre: Preconditioner, model: nn.Module, specs: dict[str, AttentionSpec]) -> None:
-    """Turn the named preconditioned ``nn.Linear`` layers into fused q/k/v attention layers (new
+    """Turn the named preconditioned ``nn.Linear`` (or transformers ``Conv1D``) layers into fused
+    q/k/v attention layers (new
     adapter and attention curvature; the capture on the module stays); check named
     ``nn.MultiheadAttention`` modules against their spec."""
     modules = dict(model.named_modules())
@@ -109,15 +111,18 @@ def mark_attention_layers(pre: Preconditioner, model: nn.Module, specs: dict[str
                 reason = pre.unsupported.get(name, "it is not among the optimizer's parameters")
                 raise ValueError(f"Invalid attention_layers: {name!r} is not preconditioned ({reason})")
             continue
-        if type(module) is not nn.Linear:
+        conv1d = name in layers and type(layers[name].adapter) is Conv1DAdapter
+        if type(module) is not nn.Linear and not conv1d:
             raise ValueError(f"Invalid attention_layers: {name!r} is a {type(module).__name__}; a fused q/k/v "
-                             "attention layer must be an nn.Linear (or name an nn.MultiheadAttention)")
+                             "attention layer must be an nn.Linear or a transformers Conv1D (or name an "
+                             "nn.MultiheadAttention)")
         if name not in layers:
-            raise ValueError(f"Invalid attention_layers: nn.Linear {name!r} is not preconditioned "
-                             f"({pre.unsupported.get(name, 'it is not among the optimizer parameters')})")
+            reason = (f"its weight is tied to {pre.tied[name]!r}" if name in pre.tied else
+                      pre.unsupported.get(name, 'it is not among the optimizer parameters'))
+            raise ValueError(f"Invalid attention_layers: nn.Linear {name!r} is not preconditioned ({reason})")
         layer = layers[name]
         try:
-            adapter = FusedQKVAdapter(module, spec)
+            adapter = (FusedQKVConv1DAdapter if conv1d else FusedQKVAdapter)(module, spec)
         except ValueError as err:
             raise ValueError(f"Invalid attention_layers[{name!r}]: {err}") from None
         old = layer.curvature
@@ -152,9 +157,10 @@ class MAC(EKFAC):
             ``{module name: spec}`` with spec the number of heads, an :class:`AttentionSpec`
             (``num_heads``, ``causal``) or a dict with those keys; e.g.
             ``{"blocks.0.attn.qkv": 4}`` or ``{"h.0.attn.c_attn": {"num_heads": 12, "causal": True}}``.
-            Each named module must be a preconditioned ``nn.Linear`` whose output columns are
-            ``[q | k | v]`` (E = out_features / 3 each, heads contiguous chunks of E / num_heads),
-            called on (B, T, d) inputs. Its query and key rows use R (m̂); its value rows use
+            Each named module must be a preconditioned ``nn.Linear`` or transformers ``Conv1D``
+            (GPT-2's ``c_attn``) whose output columns are ``[q | k | v]`` (E = d_out / 3 each,
+            heads contiguous chunks of E / num_heads), called on (B, T, d) inputs. Its query and
+            key rows use R (m̂); its value rows use
             ``R_v = I − v̂v̂ᵀ/(ρ + ‖v̂‖²)``, v̂ the bias-corrected EMA of ``v = X̄ᵀ p̄`` (X̄[j] the
             batch mean of x̃ at token j, p̄[j] the mean over examples, heads and queries of the
             attention probability of key j; causal: keys j <= i only). ``nn.MultiheadAttention``

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .config import argument_docs, check_bool, check_group
 from .curvature import CURVATURES, Curvature
-from .discovery import discover
+from .discovery import Coverage, coverage, discover
 from .distributed import unwrap_model
 from .layers import weight_and_bias
 from .layers.base import MatrixLayout
@@ -75,7 +75,7 @@ class EKFAC(torch.optim.Optimizer):
             (:mod:`ekfac_triton.step.execution`): such a skip leaves parameters and state
             bit-identical but issues no warning and still advances the step and EMA counts;
             ``preconditioner.skipped_steps`` counts it. EKFAC, K-FAC and TEKFAC, single process,
-            empirical Fisher, nn.Linear and nn.Conv2d layers. With a GradScaler every step still
+            empirical Fisher, nn.Linear, transformers Conv1D and nn.Conv2d layers. With a GradScaler every step still
             syncs once (``found_inf`` is read on the host).
         **options: the engine's settings, all keyword-only:
 {arguments}
@@ -128,8 +128,8 @@ class EKFAC(torch.optim.Optimizer):
         other = [f"{layer.name} ({type(layer.adapter.module).__name__})" for layer in pre.layers
                  if not layer.adapter.compiles]
         if other:
-            raise ValueError(f"Invalid compile_step with layers {other}: the compiled step covers nn.Linear and "
-                             "nn.Conv2d (exclude the others with params=...)")
+            raise ValueError(f"Invalid compile_step with layers {other}: the compiled step covers nn.Linear, "
+                             "transformers Conv1D and nn.Conv2d (exclude the others with params=...)")
         pre.execution = Compiled(options, pre.device)
         if pre.execution.cudagraphs:
             for layer in pre.layers:
@@ -190,6 +190,14 @@ class EKFAC(torch.optim.Optimizer):
     def plain_update_report(self) -> dict[str, str]:
         """Every module with a weight that gets the plain update instead, with its reason."""
         return self._preconditioner.plain_update_report()
+
+    def coverage(self) -> Coverage:
+        """The fraction of this optimizer's trainable elements (its parameter groups) that get
+        curvature-preconditioned directions, and the names of the others
+        (:class:`~ekfac_triton.discovery.Coverage`)."""
+        ours = {id(p) for group in self.param_groups for p in group["params"]}
+        named = [(n, p) for n, p in self._preconditioner._named_parameters if id(p) in ours]
+        return coverage(named, [layer.adapter for layer in self._preconditioner.layers])
 
     def remove_hooks(self) -> None:
         """Remove the hooks on the model (the optimizer cannot update statistics afterwards)."""
@@ -346,7 +354,8 @@ class EKFAC(torch.optim.Optimizer):
 
     @staticmethod
     def _fusable(layer: PreconditionedLayer) -> bool:
-        return bool(getattr(layer.curvature, "fusable", False))
+        # the fused kernel updates rows of a (d_out, d_in) weight: a transposed one (Conv1D) is not fused
+        return bool(getattr(layer.curvature, "fusable", False)) and not layer.adapter.layout.transposed
 
     def _momentum_buffer(self, p: Tensor) -> Tensor:
         state = self.state[p]

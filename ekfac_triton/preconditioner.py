@@ -17,7 +17,7 @@ from .backend import resolve_backend
 from .capture import LayerCapture, forget_compiled_calls
 from .config import PreconditionerConfig, argument_docs, check_damping, check_lr
 from .curvature import CURVATURES, Curvature, LayerShape, RefreshRequest
-from .discovery import discover
+from .discovery import Coverage, coverage, discover, plain_update_warning
 from .distributed import DataParallel, SingleProcess, resolve_process_group, unwrap_model
 from .eigen_engine import EigenEngine
 from .fisher import curvature_backward, training_backward
@@ -53,9 +53,11 @@ class Preconditioner(StepEngine):
         pre.backward(model(x), y); pre.step(); opt.step(); opt.zero_grad()
 
     Args:
-        model: the module whose ``nn.Linear``, ``nn.Conv2d`` (groups=1, zero padding) and
-            ``nn.Embedding`` (no max_norm, not sparse; not with ``curvature="mac"``) submodules
-            (subclasses included; more kinds with :func:`ekfac_triton.register_adapter`) are
+        model: the module whose ``nn.Linear``, transformers ``Conv1D``, ``nn.Conv2d`` (groups=1,
+            zero padding) and ``nn.Embedding`` (no max_norm, not sparse; not with
+            ``curvature="mac"``) submodules (subclasses included; more kinds with
+            :func:`ekfac_triton.register_adapter`; a tied weight by one owner, see
+            :mod:`ekfac_triton.discovery`) are
             preconditioned (with ``curvature="mac"`` also depthwise convolutions and
             self-attention ``nn.MultiheadAttention``); hooks are registered on them
             (:meth:`remove_hooks`). May be wrapped in DistributedDataParallel.
@@ -91,7 +93,8 @@ class Preconditioner(StepEngine):
         self.damping, self.lr = damping, lr
         self._init_counts()
         found = discover(model, inputs_only=curvature_cls.inputs_only, modules=modules)
-        self.unsupported, self.plain = found.unsupported, found.plain
+        self.unsupported, self.plain, self.tied = found.unsupported, found.plain, found.tied
+        self._named_parameters = list(model.named_parameters())
         named = dict(model.named_modules())
         weights = [(name, weight_and_bias(named[name])[0]) for name in found.unsupported if name in named]
         self.frozen = [(name, w) for name, w in weights if isinstance(w, Tensor) and not w.requires_grad]
@@ -128,9 +131,9 @@ class Preconditioner(StepEngine):
                                  synchronous=eigen.synchronous, float64_max_dim=eigen.float64_max_dim,
                                  warm_starts=eigen.warm_starts)
         self.distribution = SingleProcess() if group is None else DataParallel(group, costs, self.device)
-        for name, reason in self.unsupported.items():
-            warnings.warn(f"ekfac_triton: module {name!r} is not preconditioned: {reason}; it gets the plain update",
-                          stacklevel=2)
+        message = plain_update_warning(found)
+        if message is not None:
+            warnings.warn(message, stacklevel=2)
         self.watch_backward([p for layer in self.layers for p in layer.adapter.params])
         forget_compiled_calls(model)  # a compiled forward that already ran is retraced with the hooks
         self._arm_capture()
@@ -165,10 +168,16 @@ class Preconditioner(StepEngine):
         """Every module with a weight that is left to the plain update, with its reason."""
         return dict(self.plain)
 
+    def coverage(self) -> Coverage:
+        """The fraction of the model's trainable elements that are preconditioned
+        (:class:`~ekfac_triton.discovery.Coverage`; a tied weight counts as its owner's)."""
+        return coverage(self._named_parameters, [layer.adapter for layer in self.layers])
+
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__}(curvature={self.config.curvature!r}, scaling={self.config.scaling!r}, "
                  f"backend={self.backend!r}, steps={self.steps}) preconditioning:"]
         lines += [f"  {layer.name}: {layer.adapter.describe()}" for layer in self.layers]
+        lines += [f"  tied {name}: its weight is preconditioned by {owner}" for name, owner in self.tied.items()]
         lines += [f"  not preconditioned {name}: {reason}" for name, reason in self.plain.items()]
         return "\n".join(lines)
 

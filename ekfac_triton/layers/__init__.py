@@ -6,9 +6,11 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .base import LayerAdapter, LayerBatch
+from .conv1d import QUALIFIED_NAME as CONV1D_NAME
+from .conv1d import Conv1DAdapter
 from .conv2d import Conv2dAdapter
 from .embedding import EmbeddingAdapter
-from .fused_qkv import AttentionSpec, FusedQKVAdapter
+from .fused_qkv import AttentionSpec, FusedQKVAdapter, FusedQKVConv1DAdapter
 from .linear import LinearAdapter
 from .multihead_attention import MultiheadAttentionAdapter, MultiheadAttentionOutputAdapter
 
@@ -18,6 +20,12 @@ ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {
     nn.Conv2d: Conv2dAdapter,
     nn.Embedding: EmbeddingAdapter,
     nn.MultiheadAttention: MultiheadAttentionAdapter,
+}
+
+#: module types of optional packages, by qualified name (``f"{cls.__module__}.{cls.__qualname__}"``),
+#: matched along the MRO after ``ADAPTERS``: ekfac_triton never imports those packages
+ADAPTERS_BY_NAME: dict[str, type[LayerAdapter]] = {
+    CONV1D_NAME: Conv1DAdapter,
 }
 
 
@@ -30,5 +38,7 @@ def weight_and_bias(module: nn.Module) -> tuple[Tensor | None, Tensor | None]:
     return (weight if isinstance(weight, Tensor) else None), (bias if isinstance(bias, Tensor) else None)
 
 
-__all__ = ["ADAPTERS", "AttentionSpec", "LayerAdapter", "LayerBatch", "LinearAdapter", "Conv2dAdapter", "EmbeddingAdapter",
-           "FusedQKVAdapter", "MultiheadAttentionAdapter", "MultiheadAttentionOutputAdapter", "weight_and_bias"]
+__all__ = ["ADAPTERS", "ADAPTERS_BY_NAME", "AttentionSpec", "LayerAdapter", "LayerBatch", "LinearAdapter",
+           "Conv1DAdapter", "Conv2dAdapter", "EmbeddingAdapter",
+           "FusedQKVAdapter", "FusedQKVConv1DAdapter", "MultiheadAttentionAdapter", "MultiheadAttentionOutputAdapter",
+           "weight_and_bias"]

@@ -1,5 +1,6 @@
-"""A user-marked fused q/k/v projection ``nn.Linear`` (``qkv = Linear(d, 3E)`` as in timm's ViT
-and GPT-2), for MAC's attention preconditioning (ARCHITECTURE.md, "MAC").
+"""A user-marked fused q/k/v projection ``nn.Linear`` (``qkv = Linear(d, 3E)`` as in timm's ViT),
+or transformers' ``Conv1D`` (GPT-2's ``c_attn``, the same projection with its weight stored
+transposed), for MAC's attention preconditioning (ARCHITECTURE.md, "MAC").
 
 Convention: the output columns are ``[q | k | v]``, each E = d_out / 3 wide, and within each the
 heads are contiguous chunks of E / num_heads columns (``qkv.reshape(B, T, 3, H, E/H)``). The layer
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from . import attention
 from .base import LayerBatch
+from .conv1d import Conv1DAdapter
 from .linear import LinearAdapter
 
 
@@ -47,9 +49,9 @@ class FusedQKVAdapter(LinearAdapter):
     distribution over the tokens (``LayerBatch.token_weights``) on statistics steps. The value
     rows of the weight are ``[2E, 3E)`` (MAC's R_v)."""
 
-    def __init__(self, module: nn.Linear, spec: AttentionSpec) -> None:
+    def __init__(self, module: nn.Module, spec: AttentionSpec) -> None:
         super().__init__(module)
-        d_out = module.out_features
+        d_out = self.d_out
         if d_out % 3:
             raise ValueError(f"out_features={d_out} is not divisible by 3 "
                              "(a fused q/k/v projection has columns [q | k | v])")
@@ -70,8 +72,8 @@ class FusedQKVAdapter(LinearAdapter):
         rows = super().batch(inputs, grad_output)
         # Statistics precision (float64 models stay float64), from the weight the forward used.
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        m = self.module
-        qkv = F.linear(inputs.to(dtype), m.weight.to(dtype), None if m.bias is None else m.bias.to(dtype))
+        bias = self.module.bias
+        qkv = F.linear(inputs.to(dtype), self.dense_weight().to(dtype), None if bias is None else bias.to(dtype))
         heads = self.spec.num_heads
         q = attention.split_heads(qkv[..., : self.embed], heads)
         k = attention.split_heads(qkv[..., self.embed: 2 * self.embed], heads)
@@ -81,3 +83,9 @@ class FusedQKVAdapter(LinearAdapter):
 
     def describe(self) -> str:
         return f"{self.module!r} as fused q/k/v attention ({self.spec})"
+
+
+class FusedQKVConv1DAdapter(FusedQKVAdapter, Conv1DAdapter):
+    """A fused q/k/v transformers ``Conv1D`` (GPT-2's ``c_attn``, output columns ``[q | k | v]``):
+    :class:`FusedQKVAdapter` with :class:`~ekfac_triton.layers.conv1d.Conv1DAdapter`'s transposed
+    weight (its gradient matrix ``[∇Wᵀ | ∇b]`` and layout)."""

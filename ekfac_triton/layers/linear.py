@@ -22,6 +22,10 @@ class LinearAdapter(LayerAdapter):
     def unsupported_reason(module: nn.Module, inputs_only: bool = False) -> str | None:
         return None
 
+    def dense_weight(self) -> Tensor:
+        """The (d_out, d_in) weight matrix the layer applies (``module.weight``)."""
+        return self.weight
+
     def batch(self, inputs: Tensor, grad_output: Tensor | None, record: Any = None) -> LayerBatch:
         if inputs.dim() == 1:  # an unbatched call is one example
             inputs = inputs[None]

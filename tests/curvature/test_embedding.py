@@ -9,8 +9,8 @@
   output shapes on the meta device *before* running it, and fails on one of V² or more elements.
 * Three steps (momentum, EMAs, refreshes) end exactly where a Linear layer on dense one-hot rows
   does, for every curvature, scaling and Fisher type, and resume bit-exactly from a state_dict.
-* max_norm, sparse=True, scale_grad_by_freq, tied weights and MAC leave the module
-  unpreconditioned, reported.
+* max_norm, sparse=True, scale_grad_by_freq and MAC leave the module unpreconditioned, reported;
+  a weight tied to an output head is preconditioned by the head on the summed gradient.
 """
 
 from __future__ import annotations
@@ -244,24 +244,71 @@ def test_mac_leaves_embeddings_unpreconditioned() -> None:
     assert opt.preconditioned_modules() == ["2"]
 
 
-def test_tied_weights_are_left_to_the_plain_update() -> None:
-    """An embedding tied to the output head: one tensor, two uses. Neither module is
-    preconditioned (two directions for one tensor would overwrite each other), both are reported,
-    and the step runs."""
+def tied_model(tied: bool = True) -> nn.Sequential:
+    """Embedding -> Linear -> output head, the head's weight tied to the embedding's (``tied``) or
+    a separate copy of it."""
     torch.manual_seed(0)
     emb, mix, head = nn.Embedding(11, 4), nn.Linear(4, 4), nn.Linear(4, 11, bias=False)
-    head.weight = emb.weight
-    model = nn.Sequential(emb, mix, head)
-    with pytest.warns(UserWarning, match="shared with"):
-        opt = EKFAC(model, lr=0.1, momentum=0.0)
-    assert opt.preconditioned_modules() == ["1"]
-    assert set(opt.preconditioner.unsupported) == {"0", "2"}
-    tokens = torch.randint(0, 11, (5, 3))
-    loss = nn.functional.cross_entropy(model(tokens).reshape(-1, 11), tokens.reshape(-1))
-    loss.backward()
-    before, grad = emb.weight.detach().clone(), emb.weight.grad.clone()
+    if tied:
+        head.weight = emb.weight
+    else:
+        head.weight = nn.Parameter(emb.weight.detach().clone())
+    return nn.Sequential(emb, mix, head).to(DTYPE)
+
+
+@pytest.mark.parametrize("curvature", ["ekfac", "kfac", "tekfac", "mac"])
+def test_tied_weight_is_preconditioned_by_the_head_on_the_summed_gradient(curvature: str) -> None:
+    """An embedding tied to the output head: one tensor, two uses. The head (dense inputs) owns the
+    tensor: its statistics alone, applied to the whole gradient (the sum of both uses'); the
+    embedding gets no layer and is reported as tied, not plain. Reference: the untied model whose
+    head gradient is replaced by the summed gradient, embedding left out, steps the same (1e-12),
+    for every curvature (MAC too, although it leaves untied embeddings plain)."""
+    tokens = torch.randint(0, 11, (6, 5), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, 11, (6, 5), generator=torch.Generator().manual_seed(2))
+    settings = dict(EXACT_STEP, lr=LR, damping=DAMPING, curvature=curvature)
+    model, ref = tied_model(True), tied_model(False)
+    opt = EKFAC(model, **settings)
+    assert opt.preconditioned_modules() == ["1", "2"]
+    assert opt.preconditioner.tied == {"0": "2"} and "0" not in opt.plain_update_report()
+    assert opt.coverage().fraction == 1.0
+    ref_opt = EKFAC(ref, params=[p for p in ref.parameters() if p is not ref[0].weight], **settings)
+    assert ref_opt.preconditioned_modules() == ["1", "2"]
+    for m in (model, ref):
+        nn.functional.cross_entropy(m(tokens).reshape(-1, 11), targets.reshape(-1)).backward()
+    with torch.no_grad():
+        ref[2].weight.grad += ref[0].weight.grad  # the gradient of the tied tensor: both uses
+    torch.testing.assert_close(model[0].weight.grad, ref[2].weight.grad, rtol=1e-13, atol=0)
     opt.step()
-    torch.testing.assert_close(emb.weight.detach(), before - 0.1 * grad, atol=0, rtol=0)
+    ref_opt.step()
+    assert_rel_close(model[2].weight, ref[2].weight, 1e-12, "tied weight")
+    assert_rel_close(model[1].weight, ref[1].weight, 1e-12, "middle layer")
+
+
+def test_tied_weight_follows_modules_and_frozen_users() -> None:
+    """The owner is the first preconditioned user with dense inputs: restricting ``modules`` to
+    the embedding makes it the owner (one-hot factors on the summed gradient); with neither user
+    preconditioned both are reported on the plain update."""
+    from ekfac_triton import Preconditioner
+    model = tied_model(True)
+    pre = Preconditioner(model, modules=[model[0], model[1]])
+    assert pre.preconditioned_modules() == ["0", "1"] and pre.tied == {"2": "0"}
+    with pytest.warns(UserWarning, match=r"'0', '2': its parameters are not in") as record:
+        pre = Preconditioner(model, modules=[model[1]])
+    assert len([w for w in record if "not preconditioned" in str(w.message)]) == 1
+    assert pre.tied == {} and set(pre.plain_update_report()) == {"0", "2"}
+    assert pre.coverage().plain == ("0.weight",)
+
+
+def test_tied_linear_users_other_than_the_owner_report_their_bias() -> None:
+    """Two Linear layers sharing a weight: the first owns it; the second's own bias is named."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    model = nn.Sequential(first, nn.Tanh(), second).to(DTYPE)
+    with pytest.warns(UserWarning, match="'2': its weight is tied to '0'.*bias"):
+        opt = EKFAC(model)
+    assert opt.preconditioned_modules() == ["0"] and opt.preconditioner.tied == {"2": "0"}
+    assert opt.coverage().plain == ("2.bias",)
 
 
 class OneHotLinearModel(TokenModel):

@@ -1,5 +1,6 @@
-"""Layer discovery: isinstance matching, ``register_adapter`` for a user's layer kind, and the
-report of every module left to the plain update.
+"""Layer discovery: isinstance matching (subclasses of nn.Linear), ``register_adapter`` for a
+user's layer kind, the one warning and report of every module left to the plain update, and the
+coverage of the trainable elements.
 
 The example kind is a Linear whose weight is stored transposed, (d_in, d_out), as
 transformers' ``Conv1D`` stores it: one adapter file's worth of code plus one registration, and
@@ -102,6 +103,79 @@ def test_linear_subclass_is_matched_by_isinstance():
     opt = EKFAC(model)
     assert opt.preconditioned_modules() == ["0", "2"]
     assert opt.plain_update_report() == {"1": "no layer adapter for LayerNorm (see register_adapter)"}
+
+
+class LoggingLinear(nn.Linear):
+    """An ``nn.Linear`` subclass with its own forward (the computation of ``nn.Linear``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x)
+
+
+def test_linear_subclass_is_preconditioned_as_linear():
+    """A subclass with its own forward gets the Linear adapter and the Linear trajectory."""
+    torch.manual_seed(0)
+    sub = nn.Sequential(LoggingLinear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(DTYPE)
+    plain = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(DTYPE)
+    plain.load_state_dict(sub.state_dict())
+    settings = dict(lr=0.05, damping=1e-2, eigen_every=2)
+    opt_sub, opt_plain = EKFAC(sub, **settings), EKFAC(plain, **settings)
+    assert type(opt_sub.preconditioner.layers[0].adapter) is LinearAdapter
+    assert opt_sub.coverage().fraction == 1.0
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(16, 5, generator=g, dtype=DTYPE), torch.randint(0, 3, (16,), generator=g)
+        for model, opt in ((sub, opt_sub), (plain, opt_plain)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    for p, q in zip(sub.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+class Scale(nn.Module):
+    """A bare weight with no layer adapter."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d, dtype=DTYPE))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight
+
+
+def test_every_plain_module_is_named_in_one_warning_and_counted_in_coverage():
+    """Modules with a weight on the plain update — no adapter, an unsupported configuration, a
+    frozen weight — are all named with their reason in ONE warning; coverage counts the trainable
+    elements, a frozen weight not among them, bare parameters on the plain update."""
+    torch.manual_seed(0)
+    frozen = nn.Linear(3, 3).to(DTYPE)
+    frozen.weight.requires_grad_(False)
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), Scale(3), frozen, nn.Conv1d(1, 1, 1), nn.Linear(3, 2))
+    model = model.to(DTYPE)
+    model.register_parameter("offset", nn.Parameter(torch.zeros(2, dtype=DTYPE)))
+    with pytest.warns(UserWarning) as record:
+        opt = EKFAC(model)
+    messages = [str(w.message) for w in record if "not preconditioned" in str(w.message)]
+    assert len(messages) == 1, messages
+    (message,) = messages
+    for name, reason in (("1", "no layer adapter for LayerNorm"), ("2", "no layer adapter for Scale"),
+                         ("3", "frozen"), ("4", "no layer adapter for Conv1d")):
+        assert f"'{name}'" in message and reason in message and reason in opt.plain_update_report()[name]
+    assert opt.preconditioned_modules() == ["0", "5"]
+    cover = opt.coverage()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert cover.trainable == trainable
+    assert cover.preconditioned == 4 * 3 + 3 + 3 * 2 + 2
+    assert cover.fraction == pytest.approx(cover.preconditioned / trainable)
+    assert set(cover.plain) == {"offset", "1.weight", "1.bias", "2.weight", "3.bias", "4.weight", "4.bias"}
+
+
+def test_no_warning_when_everything_is_preconditioned():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        EKFAC(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)))
 
 
 def test_register_adapter_validates():

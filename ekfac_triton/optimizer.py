@@ -386,11 +386,17 @@ class EKFAC(torch.optim.Optimizer):
             return  # torch raises its own clear error
         state = state_dict.get("state", {})
         for saved, group in zip(saved_groups, self.param_groups):
+            saved_plain = "adamw" if "plain_lr" in saved else "sgd"
+            if saved_plain != self.plain_update:
+                raise ValueError(f"Invalid state_dict: it was saved with plain_update={saved_plain!r}, this optimizer "
+                                 f"uses plain_update={self.plain_update!r}")
             for key, p in zip(saved.get("params", []), group["params"]):
-                buffer = state.get(key, {}).get("momentum_buffer")
-                if isinstance(buffer, Tensor) and buffer.shape != p.shape:
-                    raise ValueError(f"Invalid state_dict: the momentum buffer of parameter {key} has shape "
-                                     f"{tuple(buffer.shape)}, the parameter {tuple(p.shape)} (a model of another width?)")
+                for name in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+                    buffer = state.get(key, {}).get(name)
+                    if isinstance(buffer, Tensor) and buffer.shape != p.shape:
+                        raise ValueError(f"Invalid state_dict: the {name} of parameter {key} has shape "
+                                         f"{tuple(buffer.shape)}, the parameter {tuple(p.shape)} (a model of another "
+                                         "width?)")
 
 
 EKFAC.__doc__ = EKFAC.__doc__.replace("{arguments}", argument_docs(curvatures=tuple(CURVATURES.values())))

@@ -176,6 +176,17 @@ def test_plain_adamw_state_dict_resumes_exactly():
         assert_bitwise_equal(q.detach(), p.detach(), "parameter after resuming")
 
 
+def test_state_dict_of_the_other_plain_update_is_refused():
+    """A state saved with plain_update="sgd" cannot be loaded with "adamw" (and back): its groups
+    lack (or carry) the AdamW hyperparameters and its state the moments."""
+    sgd = EKFAC(_norm_net(), plain_update="sgd")
+    adamw = EKFAC(_norm_net(), plain_update="adamw")
+    with pytest.raises(ValueError, match="plain_update='sgd'"):
+        adamw.load_state_dict(sgd.state_dict())
+    with pytest.raises(ValueError, match="plain_update='adamw'"):
+        sgd.load_state_dict(adamw.state_dict())
+
+
 def test_plain_update_arguments_are_validated():
     model = _norm_net()
     with pytest.raises(ValueError, match="plain_update"):

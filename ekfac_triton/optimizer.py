@@ -26,10 +26,11 @@ class EKFAC(torch.optim.Optimizer):
 
     One step: statistics are updated (every ``factor_every`` steps), bases refreshed (every
     ``eigen_every``), each Linear/Conv2d gradient ``[∇W | ∇b]`` becomes
-    ``Q_G [(Q_Gᵀ ∇W̄ Q_A) / (S + λ)] Q_Aᵀ``, scaled by the KL clip if set; then for every
-    parameter ``u = d + weight_decay·p``, ``m = momentum·m + u``, ``p -= lr·m``. With
-    ``momentum=0, weight_decay=0, factor_decay=0, eigen_every=1`` a step changes the
-    parameters by exactly ``-lr·(F̂ + λI)⁻¹ ∇L``.
+    ``Q_G [(Q_Gᵀ ∇W̄ Q_A) / (S + λ)] Q_Aᵀ``, scaled by the KL clip (the default trust region);
+    then for every parameter ``u = d + weight_decay·p``, ``m = momentum·m + u``, ``p -= lr·m``
+    (parameters without curvature: the same on their gradient, or AdamW with
+    ``plain_update="adamw"``). With ``momentum=0, weight_decay=0, factor_decay=0, eigen_every=1,
+    kl_clip=None`` a step changes the parameters by exactly ``-lr·(F̂ + λI)⁻¹ ∇L``.
 
     The loss must be a mean over the batch's first dimension: the per-example statistics
     rescale autograd's gradients by N.
@@ -223,6 +224,10 @@ class EKFAC(torch.optim.Optimizer):
         every state tensor stay as they are (see :meth:`StepEngine.advance
         <ekfac_triton.step.engine.StepEngine.advance>`); so is a step in which the
         ``grad_scaler`` found inf/NaN. The step runs outside autocast.
+
+        Raises:
+            RuntimeError: when this is the ``max_skipped_steps``-th non-finite step in a row (the
+                run has stopped training; the message says what to change).
         """
         loss = None
         if closure is not None:

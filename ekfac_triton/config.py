@@ -62,12 +62,38 @@ def check_weight_decay(weight_decay: object) -> None:
         raise ValueError(f"Invalid weight_decay={weight_decay!r}: must be a finite number >= 0")
 
 
+PLAIN_UPDATES = ("adamw", "sgd")
+
+
+def check_plain_update(plain_update: object) -> None:
+    if plain_update not in PLAIN_UPDATES:
+        raise ValueError(f"Invalid plain_update={plain_update!r}: must be one of {PLAIN_UPDATES}")
+
+
+def _check_plain(group: dict) -> None:
+    """The ``plain_*`` hyperparameters of the AdamW update of parameters without curvature."""
+    if "plain_lr" in group and (not is_number(group["plain_lr"]) or group["plain_lr"] < 0):
+        raise ValueError(f"Invalid plain_lr={group['plain_lr']!r}: must be a finite number >= 0")
+    if "plain_betas" in group:
+        betas = group["plain_betas"]
+        if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+                or not all(is_number(b) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"Invalid plain_betas={betas!r}: must be two numbers in [0, 1)")
+    if "plain_eps" in group and (not is_number(group["plain_eps"]) or group["plain_eps"] <= 0):
+        raise ValueError(f"Invalid plain_eps={group['plain_eps']!r}: must be a finite number > 0")
+    if "plain_weight_decay" in group:
+        wd = group["plain_weight_decay"]
+        if not is_number(wd) or wd < 0:
+            raise ValueError(f"Invalid plain_weight_decay={wd!r}: must be a finite number >= 0")
+
+
 def check_group(group: dict) -> None:
     """Validate one parameter group's hyperparameters."""
     check_lr(group["lr"])
     check_damping(group["damping"])
     check_momentum(group["momentum"])
     check_weight_decay(group["weight_decay"])
+    _check_plain(group)
 
 
 # -- the axes ---------------------------------------------------------------------------------------
@@ -80,8 +106,12 @@ class StatisticsConfig:
     factor_every: int = doc("update the factors (and per-example scalings) every this many steps.", 1)
     backend: str = doc("which implementation runs the kernel families: ``\"auto\"`` (the torch references "
                        "for now), ``\"torch\"`` or ``\"triton\"`` (needs a CUDA device).", "auto")
-    kl_clip: float | None = doc("None, or the KL-clip size: the preconditioned directions are scaled by "
-                                "``min(1, sqrt(kl_clip / |Σ lr²⟨v, g⟩|))`` (kfac-pytorch's semantics).")
+    kl_clip: float | str | None = doc(
+        "the trust region: None, or the KL-clip size: the preconditioned directions are scaled by "
+        "``min(1, sqrt(kl_clip / |Σ lr²⟨v, g⟩|))`` (kfac-pytorch's semantics; Ba et al. 2017). ``\"auto\"``: the "
+        "curvature's default, 1e-3 for ekfac, kfac and tekfac (measured in ARCHITECTURE.md, \"Default "
+        "hyperparameters\": without it the lr 0.1 defaults diverged on transformers, ResNets and ViTs), None for "
+        "mac (its own recipe, and its fused update) and for a ``Preconditioner`` built without ``lr``.", "auto")
     factor_dtype: torch.dtype | None = doc("dtype of the factors, ``torch.float32`` or ``torch.float64``; None: "
                                            "float64 for float64 layers, else float32. bf16/fp16 activations and "
                                            "output-gradients (autocast) are accumulated in it.")
@@ -93,15 +123,24 @@ class StatisticsConfig:
                            "With it, ``scaler.step(opt)`` always calls ``EKFAC.step`` (torch's "
                            "``_step_supports_amp_scaling`` protocol): a step in which the scaler found inf/NaN is "
                            "skipped with the state untouched, and gradients not yet unscaled are unscaled there.")
+    max_skipped_steps: int | None = doc(
+        "raise a ``RuntimeError`` (saying what happened and what to change) once this many steps in a row were "
+        "skipped for non-finite gradients, activations or statistics, instead of letting a diverged run go on "
+        "silently; None: never raise. Steps the ``grad_scaler`` skips do not count. With ``compile_step`` the "
+        "device's count of skips is read on steps that sync anyway and once every ``max_skipped_steps`` steps, "
+        "so the error may come up to that many steps later.", 10)
 
     def __post_init__(self) -> None:
+        if self.max_skipped_steps is not None:
+            _check_int("max_skipped_steps", self.max_skipped_steps, 1)
         if self.backend not in BACKENDS:
             raise ValueError(f"Invalid backend={self.backend!r}: must be one of {BACKENDS}")
         if not is_number(self.factor_decay) or not 0 <= self.factor_decay < 1:
             raise ValueError(f"Invalid factor_decay={self.factor_decay!r}: must be in [0, 1)")
         _check_int("factor_every", self.factor_every, 1)
-        if self.kl_clip is not None and (not is_number(self.kl_clip) or self.kl_clip <= 0):
-            raise ValueError(f"Invalid kl_clip={self.kl_clip!r}: must be None or a number > 0")
+        if self.kl_clip is not None and self.kl_clip != "auto" and (not is_number(self.kl_clip)
+                                                                    or self.kl_clip <= 0):
+            raise ValueError(f"Invalid kl_clip={self.kl_clip!r}: must be None, 'auto' or a number > 0")
         for name in ("factor_dtype", "basis_dtype"):
             value = getattr(self, name)
             if value is not None and value not in STATE_DTYPES:

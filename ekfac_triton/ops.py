@@ -27,7 +27,7 @@ from torch import Tensor
 from . import kernels
 
 __all__ = ["Scalar", "commit", "ema", "factor_update", "precondition", "per_example_scaling", "moment_update",
-           "mac_update"]
+           "adamw_update", "mac_update"]
 
 #: a step-varying number: a Python float (eager) or a 0-dim tensor (compiled)
 Scalar = float | Tensor
@@ -130,6 +130,32 @@ def moment_update(params: Sequence[Tensor], directions: Sequence[Tensor], buffer
     for state, new in zip([*params, *buffers], [*new_params, *new_buffers]):
         if new is not None:
             commit(state, new, finite)
+
+
+def adamw_update(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                 exp_avg_sqs: Sequence[Tensor], *, lr: Scalar, step_sizes: Sequence[Scalar],
+                 bias2_sqrts: Sequence[Scalar], beta1: float, beta2: float, eps: float, weight_decay: float,
+                 finite: Tensor | None = None) -> None:
+    """AdamW (Loshchilov & Hutter 2019, Algorithm 2) in ``torch.optim.AdamW``'s arithmetic, the
+    order of its operations included: ``p <- p·(1 − lr·wd)``, ``m <- lerp(m, g, 1 − β1)``,
+    ``v <- β2·v + (1 − β2)·g²``, ``p <- p − step_size · m / (√v / √(1 − β2ᵗ) + eps)`` with
+    ``step_size = lr / (1 − β1ᵗ)``; per parameter its ``step_sizes[i]`` and ``bias2_sqrts[i] =
+    √(1 − β2ᵗ)`` (t its own step count). Plain torch (no kernel family: these are the few, small
+    parameters without curvature). With a ``finite`` flag every state update is committed where
+    it is True."""
+    shrink = 1 - lr * weight_decay
+    for p, g, m, v, step_size, bias2_sqrt in zip(params, grads, exp_avgs, exp_avg_sqs, step_sizes, bias2_sqrts):
+        if finite is None and not isinstance(step_size, Tensor):
+            p.mul_(shrink)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            p.addcdiv_(m, (v.sqrt() / bias2_sqrt).add_(eps), value=-step_size)
+            continue
+        new_m = m.lerp(g, 1 - beta1)
+        new_v = (v * beta2).addcmul_(g, g, value=1 - beta2)
+        new_p = p * shrink - step_size * (new_m / (new_v.sqrt() / bias2_sqrt + eps))
+        for state, new in ((p, new_p), (m, new_m), (v, new_v)):
+            commit(state, new.to(state.dtype), finite)
 
 
 def mac_update(weight: Tensor, weight_grad: Tensor, weight_buffer: Tensor | None, bias: Tensor | None,

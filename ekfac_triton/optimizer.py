@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .config import argument_docs, check_bool, check_group
+from .config import argument_docs, check_bool, check_group, check_plain_update
 from .curvature import CURVATURES, Curvature
 from .discovery import Coverage, coverage, discover
 from .distributed import unwrap_model
@@ -29,10 +29,11 @@ class EKFAC(torch.optim.Optimizer):
 
     One step: statistics are updated (every ``factor_every`` steps), bases refreshed (every
     ``eigen_every``), each Linear/Conv2d gradient ``[∇W | ∇b]`` becomes
-    ``Q_G [(Q_Gᵀ ∇W̄ Q_A) / (S + λ)] Q_Aᵀ``, scaled by the KL clip if set; then for every
-    parameter ``u = d + weight_decay·p``, ``m = momentum·m + u``, ``p -= lr·m``. With
-    ``momentum=0, weight_decay=0, factor_decay=0, eigen_every=1`` a step changes the
-    parameters by exactly ``-lr·(F̂ + λI)⁻¹ ∇L``.
+    ``Q_G [(Q_Gᵀ ∇W̄ Q_A) / (S + λ)] Q_Aᵀ``, scaled by the KL clip (the default trust region);
+    then for every parameter ``u = d + weight_decay·p``, ``m = momentum·m + u``, ``p -= lr·m``
+    (parameters without curvature: the same on their gradient, or AdamW with
+    ``plain_update="adamw"``). With ``momentum=0, weight_decay=0, factor_decay=0, eigen_every=1,
+    kl_clip=None`` a step changes the parameters by exactly ``-lr·(F̂ + λI)⁻¹ ∇L``.
 
     The loss must be a mean over the batch's first dimension: the per-example statistics
     rescale autograd's gradients by N. Gradient accumulation (several ``backward()`` calls
@@ -50,8 +51,10 @@ class EKFAC(torch.optim.Optimizer):
     Args:
         model: the model; hooks are registered on its supported layers (may be wrapped in
             DistributedDataParallel).
-        lr: learning rate (>= 0; per group).
-        damping: λ (> 0; per group).
+        lr: learning rate (>= 0; per group). Default 0.1.
+        damping: λ (> 0; per group). Default 1e-2. The defaults (lr 0.1, damping 1e-2, momentum 0.9
+            and the ``kl_clip`` trust region 1e-3) were chosen on six models, transformers to
+            ResNets (ARCHITECTURE.md, "Default hyperparameters"); without the clip, lr 0.1 diverged.
         curvature: ``"ekfac"``, ``"kfac"``, ``"tekfac"``, ``"mac"`` or a
             :class:`~ekfac_triton.curvature.Curvature` subclass.
         momentum: heavy-ball momentum on the direction, in [0, 1) (per group).
@@ -77,21 +80,42 @@ class EKFAC(torch.optim.Optimizer):
             ``preconditioner.skipped_steps`` counts it. EKFAC, K-FAC and TEKFAC, single process,
             empirical Fisher, nn.Linear, transformers Conv1D and nn.Conv2d layers. With a GradScaler every step still
             syncs once (``found_inf`` is read on the host).
+        plain_update: how the parameters without curvature (norm weights, biases of modules
+            left plain, embeddings not preconditioned, tied weights; ``plain_update_report()``)
+            move. ``"sgd"`` (default): like the directions, by weight decay, momentum and
+            ``p -= lr·m`` on their gradient. ``"adamw"``: by AdamW with its own ``plain_lr``,
+            ``plain_betas``, ``plain_eps`` and ``plain_weight_decay`` (per group; exactly
+            ``torch.optim.AdamW``'s update, its ``step``/``exp_avg``/``exp_avg_sq`` in ``state``
+            and the state_dict), as Shampoo and SOAP graft Adam; the KL clip, ``momentum`` and
+            ``weight_decay`` do not apply to them. An lr scheduler changes ``lr`` only: schedule
+            ``plain_lr`` through ``param_groups`` yourself. With ``compile_step`` a step skipped on
+            the device still advances their step counts (as the EMA counts).
+        plain_lr: AdamW's learning rate (``plain_update="adamw"``; >= 0, per group). Default 1e-3.
+        plain_betas: AdamW's (β1, β2), each in [0, 1) (per group). Default (0.9, 0.999).
+        plain_eps: AdamW's ε (> 0, per group). Default 1e-8.
+        plain_weight_decay: AdamW's decoupled weight decay (>= 0, per group). Default 0.
         **options: the engine's settings, all keyword-only:
 {arguments}
     """
 
-    def __init__(self, model: nn.Module, lr: float = 0.1, damping: float = 1e-3,
+    def __init__(self, model: nn.Module, lr: float = 0.1, damping: float = 1e-2,
                  curvature: str | type[Curvature] = "ekfac", momentum: float = 0.9, weight_decay: float = 0.0, *,
                  params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
                  decoupled_weight_decay: bool = False, process_group: object | None = None,
-                 compile_step: bool | dict[str, Any] = False, **options: Any) -> None:
+                 compile_step: bool | dict[str, Any] = False, plain_update: str = "sgd",
+                 plain_lr: float = 1e-3, plain_betas: tuple[float, float] = (0.9, 0.999), plain_eps: float = 1e-8,
+                 plain_weight_decay: float = 0.0, **options: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model={type(model).__name__}: must be a torch.nn.Module "
                             "(EKFAC hooks into the model's layers; pass parameter groups as params=...)")
         check_bool("decoupled_weight_decay", decoupled_weight_decay)
         self.decoupled_weight_decay = decoupled_weight_decay
+        check_plain_update(plain_update)
+        self.plain_update = plain_update
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
+        if plain_update == "adamw":
+            defaults.update(plain_lr=plain_lr, plain_betas=tuple(plain_betas), plain_eps=plain_eps,
+                            plain_weight_decay=plain_weight_decay)
         check_group(defaults)
         compile_args = compile_options(compile_step)
         self._model = unwrap_model(model)  # add_param_group finds the modules of new parameters in it
@@ -241,6 +265,10 @@ class EKFAC(torch.optim.Optimizer):
         ``scaler.unscale_(opt)``, where the loss scale is unknown here: that raises. A step
         without a backward since the last one changes nothing (a warning). The step runs outside
         autocast.
+
+        Raises:
+            RuntimeError: when this is the ``max_skipped_steps``-th non-finite step in a row (the
+                run has stopped training; the message says what to change).
         """
         loss = None
         if closure is not None:
@@ -306,7 +334,7 @@ class EKFAC(torch.optim.Optimizer):
             # the update is part of the step's transaction: parameters and buffers can be put back
             plan.transaction.before_update(
                 t for p in group_of if p.grad is not None
-                for t in (p, self.state[p].get("momentum_buffer") if p in self.state else None))
+                for t in (p, *(self.state[p].get(k) for k in ("momentum_buffer", "exp_avg", "exp_avg_sq"))))
             if not pre.execution.apply_update(pre, plan, jobs, layouts, groups, pre.config.kl_clip, lr_at,
                                               self.decoupled_weight_decay):
                 return
@@ -316,6 +344,10 @@ class EKFAC(torch.optim.Optimizer):
                                              lr=group["lr"], momentum=group["momentum"],
                                              weight_decay=group["weight_decay"],
                                              decoupled=self.decoupled_weight_decay, backend=pre.backend)
+            for group in groups:  # last: nothing after it can fail and leave the counts advanced
+                if isinstance(group, maths.AdamWUpdate):
+                    for p in group.params:
+                        self.state[p]["step"] += 1
         except BaseException:
             if not plan.committed:
                 pre.abort(plan.transaction)
@@ -323,8 +355,10 @@ class EKFAC(torch.optim.Optimizer):
         pre.finish(plan)
 
     def _updates(self, plan: StepPlan, group_of: dict[Tensor, dict[str, Any]], fused: set[Tensor],
-                 ) -> tuple[list[maths.GroupUpdate], list[Any], tuple[MatrixLayout, ...], tuple[int, ...]]:
-        """The per-group updates of ``plan`` (its group lrs appended to ``plan.scalars``), the
+                 ) -> tuple[list[Any], list[Any], tuple[MatrixLayout, ...], tuple[int, ...]]:
+        """The per-group updates of ``plan`` (``GroupUpdate``, and ``AdamWUpdate`` for the
+        parameters without curvature with ``plain_update="adamw"``; their lrs appended to
+        ``plan.scalars``), the
         direction jobs, their layers' matrix layouts and the lr index of each job."""
         lr_index = {}
         for g, group in enumerate(self.param_groups):
@@ -341,9 +375,14 @@ class EKFAC(torch.optim.Optimizer):
             lr_at.append(lr_index[index_of[id(group_of[a.weight])]])
             layouts.append(a.layout)
             jobs.append(job)
-        groups = []
+        groups: list[Any] = []
         for g, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None and p not in fused]
+            if self.plain_update == "adamw":
+                plain = [p for p in params if p not in part_of]
+                params = [p for p in params if p in part_of]
+                if plain:
+                    groups.append(self._adamw_update(plain, group, plan.scalars))
             if not params:
                 continue
             buffers = [self._momentum_buffer(p) for p in params] if group["momentum"] != 0 else [None] * len(params)
@@ -351,6 +390,28 @@ class EKFAC(torch.optim.Optimizer):
                                             tuple(part_of.get(p, (-1, 0)) for p in params), lr_index[g],
                                             float(group["momentum"]), float(group["weight_decay"])))
         return groups, jobs, tuple(layouts), tuple(lr_at)
+
+    def _adamw_update(self, params: list[Tensor], group: dict[str, Any], scalars: list[float]) -> maths.AdamWUpdate:
+        """The AdamW update of a group's parameters without curvature (``plain_update="adamw"``);
+        its lr, step sizes ``lr/(1 − β1ᵗ)`` and ``√(1 − β2ᵗ)`` (computed as torch.optim.AdamW
+        computes them, in Python floats) appended to ``scalars``."""
+        beta1, beta2 = group["plain_betas"]
+        lr = group["plain_lr"]
+        lr_at = len(scalars)
+        scalars.append(lr)
+        at = []
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            t = float(state["step"]) + 1
+            at.append(len(scalars))
+            scalars += [lr / (1 - beta1 ** t), (1 - beta2 ** t) ** 0.5]
+        return maths.AdamWUpdate(params, [p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
+                                 [self.state[p]["exp_avg_sq"] for p in params], lr_at, tuple(at), float(beta1),
+                                 float(beta2), float(group["plain_eps"]), float(group["plain_weight_decay"]))
 
     @staticmethod
     def _fusable(layer: PreconditionedLayer) -> bool:
@@ -388,11 +449,17 @@ class EKFAC(torch.optim.Optimizer):
             return  # torch raises its own clear error
         state = state_dict.get("state", {})
         for saved, group in zip(saved_groups, self.param_groups):
+            saved_plain = "adamw" if "plain_lr" in saved else "sgd"
+            if saved_plain != self.plain_update:
+                raise ValueError(f"Invalid state_dict: it was saved with plain_update={saved_plain!r}, this optimizer "
+                                 f"uses plain_update={self.plain_update!r}")
             for key, p in zip(saved.get("params", []), group["params"]):
-                buffer = state.get(key, {}).get("momentum_buffer")
-                if isinstance(buffer, Tensor) and buffer.shape != p.shape:
-                    raise ValueError(f"Invalid state_dict: the momentum buffer of parameter {key} has shape "
-                                     f"{tuple(buffer.shape)}, the parameter {tuple(p.shape)} (a model of another width?)")
+                for name in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+                    buffer = state.get(key, {}).get(name)
+                    if isinstance(buffer, Tensor) and buffer.shape != p.shape:
+                        raise ValueError(f"Invalid state_dict: the {name} of parameter {key} has shape "
+                                         f"{tuple(buffer.shape)}, the parameter {tuple(p.shape)} (a model of another "
+                                         "width?)")
 
 
 EKFAC.__doc__ = EKFAC.__doc__.replace("{arguments}", argument_docs(curvatures=tuple(CURVATURES.values())))

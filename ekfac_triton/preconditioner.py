@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .backend import resolve_backend
 from .capture import LayerCapture, forget_compiled_calls
 from .config import PreconditionerConfig, argument_docs, check_damping, check_lr
-from .curvature import CURVATURES, Curvature, LayerShape, RefreshRequest
+from .curvature import CURVATURES, Curvature, LayerShape, RefreshRequest, curvature_class
 from .discovery import Coverage, coverage, discover, plain_update_warning
 from .distributed import DataParallel, SingleProcess, resolve_process_group, unwrap_model
 from .eigen_engine import EigenEngine
@@ -41,7 +41,7 @@ class Preconditioner(StepEngine):
     layer's ``.grad`` by ``(F̂ + λI)⁻¹ ∇L`` (times the KL-clip factor when ``kl_clip`` is set), and
     your optimizer then steps (plain SGD on top gives natural-gradient descent)::
 
-        pre = Preconditioner(model, curvature="ekfac", damping=1e-3)
+        pre = Preconditioner(model, curvature="ekfac", lr=0.1)   # lr: the KL clip's trust region
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         loss.backward(); pre.step(); opt.step(); opt.zero_grad()
 
@@ -64,7 +64,8 @@ class Preconditioner(StepEngine):
         damping: λ added to the scaling, > 0 (MAC: ρ).
         curvature: ``"ekfac"``, ``"kfac"``, ``"tekfac"``, ``"mac"`` (:mod:`ekfac_triton.curvature`)
             or a :class:`~ekfac_triton.curvature.Curvature` subclass.
-        lr: learning rate the KL clip assumes (required with ``kl_clip``, else unused).
+        lr: learning rate the KL clip assumes (required with a ``kl_clip`` number; without it the
+            default ``kl_clip="auto"`` clips nothing, with it it is the curvature's default).
         modules: restrict preconditioning to these submodules (default: all supported ones).
         process_group: data-parallel training (:mod:`ekfac_triton.distributed`): None (default)
             is not distributed unless ``model`` is wrapped in DistributedDataParallel (then DDP's
@@ -73,11 +74,13 @@ class Preconditioner(StepEngine):
 {arguments}
     """
 
-    def __init__(self, model: nn.Module, *, damping: float = 1e-3, curvature: str | type[Curvature] = "ekfac",
+    def __init__(self, model: nn.Module, *, damping: float = 1e-2, curvature: str | type[Curvature] = "ekfac",
                  lr: float | None = None, modules: Sequence[nn.Module] | None = None,
                  process_group: object | None = None, **options: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model={type(model).__name__}: must be a torch.nn.Module")
+        if options.get("kl_clip", "auto") == "auto":  # the curvature's trust region; it needs the lr
+            options = {**options, "kl_clip": curvature_class(curvature).default_kl_clip if lr is not None else None}
         self.config = config = PreconditionerConfig.from_arguments(curvature, options)
         curvature_cls = config.curvature_class
         if config.fisher.fisher != "empirical" and curvature_cls.inputs_only:

@@ -258,7 +258,7 @@ def mean_ce(out: Tensor, y: Tensor) -> Tensor:
 # exact-step settings and the F̂ a layer's state implies
 # ---------------------------------------------------------------------------------------------
 # With these, one step() changes each preconditioned layer by exactly -lr·(F̂ + λI)⁻¹ ∇L.
-EXACT_STEP = dict(momentum=0.0, weight_decay=0.0, factor_decay=0.0, eigen_every=1)
+EXACT_STEP = dict(momentum=0.0, weight_decay=0.0, factor_decay=0.0, eigen_every=1, kl_clip=None)
 
 
 def preconditioned(model: nn.Module) -> list[nn.Module]:

@@ -168,6 +168,8 @@ class Curvature(ABC):
     inputs_only: ClassVar[bool] = False
     #: whether the compiled step covers this curvature (its jobs trace under torch.compile)
     compiles: ClassVar[bool] = False
+    #: the KL clip ``kl_clip="auto"`` gives this curvature (None: none; config.py, kl_clip)
+    default_kl_clip: ClassVar[float | None] = None
 
     shape: LayerShape
 

@@ -170,6 +170,10 @@ class EigenbasisCurvature(Curvature):
         options: the curvature's options (``scaling``: see :class:`CurvatureOptions`).
     """
 
+    #: the trust region of the defaults (config.py, kl_clip; measured in ARCHITECTURE.md,
+    #: "Default hyperparameters")
+    default_kl_clip = 1e-3
+
     #: whether S is estimated (EKFAC, TEKFAC) rather than derived from the eigenvalues (K-FAC)
     estimates_scaling: ClassVar[bool] = True
     compiles: ClassVar[bool] = True

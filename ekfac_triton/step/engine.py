@@ -113,6 +113,7 @@ class StepEngine:
     def _init_counts(self) -> None:
         self.steps = 0
         self._host_skipped_steps = 0  # skips decided on the host (see skipped_steps)
+        self._host_skips_in_a_row = 0  # non-finite skips since the last committed step (max_skipped_steps)
         self._curvature_passes = 0
         self.execution = Eager()
         #: ids of the watched parameters a backward accumulated a gradient into since the last step
@@ -294,20 +295,46 @@ class StepEngine:
         return True
 
     def finish(self, plan: StepPlan) -> None:
-        """Count the step of ``plan``: it is committed."""
+        """Count the step of ``plan``: it is committed (the compiled step may still have skipped
+        it on the device: then every few steps the device's run of skips is checked)."""
         self.steps += 1
         plan.committed = True
+        self._host_skips_in_a_row = 0
         self._arm_capture()
+        self._check_skips_in_a_row(host_decided=False)
 
     def abort(self, tx: Transaction, skipped: bool = False) -> None:
-        """Undo an open step (``skipped``: count and warn about it as a non-finite skip)."""
+        """Undo an open step (``skipped``: count and warn about it as a non-finite skip, and raise
+        once ``max_skipped_steps`` such skips came in a row)."""
         tx.rollback()
         if skipped:
             self.skip_step()
+            self._host_skips_in_a_row += 1
+            self.execution.count_host_skip()
             warnings.warn("ekfac_triton: non-finite gradient, activation or statistic; step skipped, optimizer "
                           "state unchanged", RuntimeWarning, stacklevel=4)
+            self._check_skips_in_a_row(host_decided=True)
         else:
             self._arm_capture()
+
+    def _check_skips_in_a_row(self, host_decided: bool) -> None:
+        """Raise ``RuntimeError`` when the last ``max_skipped_steps`` steps were all skipped for
+        non-finite values: such a run no longer trains, and would otherwise go on silently. The
+        compiled step's device skips are read only where it costs no extra sync per step
+        (:meth:`~ekfac_triton.step.execution.Compiled.skips_in_a_row`)."""
+        limit = self.config.statistics.max_skipped_steps
+        if limit is None:
+            return
+        run = self.execution.skips_in_a_row(self._host_skips_in_a_row, self.steps, limit, host_decided)
+        if run is None or run < limit:
+            return
+        raise RuntimeError(
+            f"ekfac_triton: the last {run} steps were all skipped because their gradients, captured activations or "
+            f"statistics were not finite (inf/NaN), so the run has stopped training (max_skipped_steps={limit}). "
+            "The parameters and the optimizer state are those of the last good step. Check the loss and the model "
+            "for inf/NaN first (e.g. the log of 0, a division by 0, fp16 overflow); if they diverged from finite "
+            "values, lower lr, raise damping, or enable the trust region (kl_clip=..., smaller is safer). "
+            "max_skipped_steps=None disables this check.")
 
     def _collect(self, grads: dict[PreconditionedLayer, Tensor]) -> dict[PreconditionedLayer, LayerBatch]:
         """Phase 1: each layer's captured batch (:meth:`_batches`), for the layers a backward

@@ -108,6 +108,14 @@ class Eager:
     def reset_device_skips(self) -> None:
         pass
 
+    def count_host_skip(self) -> None:
+        """A skip decided on the host (the compiled step adds it to its device run counter)."""
+
+    def skips_in_a_row(self, host_run: int, steps: int, period: int, host_decided: bool) -> int | None:
+        """The current run of consecutive skipped steps, or None when it is not read on this step.
+        Eager: ``host_run``, the engine's own count (no sync)."""
+        return host_run
+
 
 class _ScalarVectors:
     """Step-dependent numbers as float64 device vectors (one per use). A vector is rewritten
@@ -150,7 +158,8 @@ class Compiled(Eager):
         self.options = dict(options)
         self.cudagraphs = self.options.get("mode") in CUDAGRAPH_MODES
         self._vectors = _ScalarVectors(device, self.cudagraphs)
-        self._skips = torch.zeros((), dtype=torch.int64, device=device)
+        # [skipped in all, skipped in a row] (maths.update_parameters)
+        self._skips = torch.zeros(2, dtype=torch.int64, device=device)
         self.mark_static(self._skips)
         self._functions: dict[Callable[..., Any], Callable[..., Any]] = {}
 
@@ -182,7 +191,7 @@ class Compiled(Eager):
         one graph, masked by the inputs' and the directions' finiteness."""
         if not engine.check(plan):
             return False
-        self.mark_static(*[t for g in groups for t in (*g.params, *g.buffers) if t is not None],
+        self.mark_static(*[t for g in groups for t in g.tensors()],
                          *[t for job in jobs for t in state_tensors(job)])
         self.run(maths.precondition_and_update, jobs, layouts, groups, self.scalars("update", plan.scalars),
                  plan.finite, self._skips, kl_clip, lr_at, decoupled, engine.backend)
@@ -190,7 +199,19 @@ class Compiled(Eager):
 
     def device_skips(self) -> int:
         """Steps skipped on the device so far (reads the counter: one host sync)."""
-        return int(self._skips.item())
+        return int(self._skips[0].item())
 
     def reset_device_skips(self) -> None:
         self._skips.zero_()
+
+    def count_host_skip(self) -> None:
+        # a device op, no sync: the run counter then spans host and device skips alike
+        self._skips[1].add_(1)
+
+    def skips_in_a_row(self, host_run: int, steps: int, period: int, host_decided: bool) -> int | None:
+        """The device run counter, read (one host sync) only where the step synced anyway
+        (``host_decided``: a host skip) or once every ``period`` steps: ordinary steps stay free
+        of host syncs, and a dead run is caught at most ``period`` steps late."""
+        if not host_decided and steps % period != 0:
+            return None
+        return int(self._skips[1].item())

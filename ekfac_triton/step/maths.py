@@ -101,15 +101,47 @@ class GroupUpdate(NamedTuple):
     momentum: float
     weight_decay: float
 
+    def tensors(self) -> list[Tensor]:
+        """The parameters and buffers the update changes in place."""
+        return [t for t in (*self.params, *self.buffers) if t is not None]
+
+
+class AdamWUpdate(NamedTuple):
+    """The ``plain_update="adamw"`` update of one group's parameters without curvature: AdamW
+    in ``torch.optim.AdamW``'s arithmetic (:func:`ekfac_triton.ops.adamw_update`); ``lr =
+    scalars[lr_at]``, parameter i's step size and ``√(1 − β2ᵗ)`` are ``scalars[at[i]]`` and
+    ``scalars[at[i] + 1]``."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    lr_at: int
+    at: tuple[int, ...]
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+
+    def tensors(self) -> list[Tensor]:
+        """The parameters and moments the update changes in place."""
+        return [*self.params, *self.exp_avgs, *self.exp_avg_sqs]
+
 
 def update_parameters(directions: list[Tensor], scale: Tensor | None, layouts: tuple[MatrixLayout, ...],
-                      groups: list[GroupUpdate], scalars: Scalars, finite: Tensor | None, skips: Tensor | None,
+                      groups: list[GroupUpdate | AdamWUpdate], scalars: Scalars, finite: Tensor | None, skips: Tensor | None,
                       decoupled: bool, backend: str) -> None:
     """The update phase: per group weight decay, momentum and ``p -= lr·m`` along each layer's
     direction (``layouts[j]``: where job j's parameters sit in its direction matrix) or, where a
-    parameter has no layer, its gradient. ``skips`` (compiled step): a device counter of the
-    steps ``finite`` skipped."""
+    parameter has no layer, its gradient (an :class:`AdamWUpdate` group: AdamW on those). ``skips`` (compiled step): device counters of the steps
+    ``finite`` skipped, ``[in all, in a row]`` (the second is reset by a step that commits)."""
     for group in groups:
+        if isinstance(group, AdamWUpdate):
+            ops.adamw_update(group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, lr=scalars[group.lr_at],
+                             step_sizes=[scalars[i] for i in group.at], bias2_sqrts=[scalars[i + 1] for i in group.at],
+                             beta1=group.beta1, beta2=group.beta2, eps=group.eps, weight_decay=group.weight_decay,
+                             finite=finite)
+            continue
         updates, scales = [], []
         for grad, (j, part) in zip(group.grads, group.parts):
             if j < 0:
@@ -122,10 +154,11 @@ def update_parameters(directions: list[Tensor], scale: Tensor | None, layouts: t
                           weight_decay=group.weight_decay, scales=scales, decoupled=decoupled, finite=finite,
                           backend=backend)
     if skips is not None and finite is not None:
-        skips.add_((~finite).to(skips.dtype))
+        skipped = (~finite).to(skips.dtype)
+        skips.copy_(torch.stack((skips[0] + skipped, (skips[1] + 1) * skipped)))
 
 
-def precondition_and_update(jobs: list[Any], layouts: tuple[MatrixLayout, ...], groups: list[GroupUpdate],
+def precondition_and_update(jobs: list[Any], layouts: tuple[MatrixLayout, ...], groups: list[GroupUpdate | AdamWUpdate],
                             scalars: Scalars, finite: Tensor, skips: Tensor, kl_clip: float | None,
                             lr_at: tuple[int, ...], decoupled: bool, backend: str) -> None:
     """:func:`directions` then :func:`update_parameters` in one graph (the compiled step), the

@@ -108,7 +108,7 @@ class RecordWarnings:
         return [str(w.message) for w in self.records if issubclass(w.category, category) and text in str(w.message)]
 
 
-EXACT = dict(momentum=0.0, weight_decay=0.0, factor_decay=0.0, eigen_every=1, factor_every=1)
+EXACT = dict(momentum=0.0, weight_decay=0.0, factor_decay=0.0, eigen_every=1, factor_every=1, kl_clip=None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,7 +427,7 @@ def test_batch_scaling(curvature):
     beta, lr, damping = 0.7, 0.05, 1e-2
     model = mlp()
     opt = EKFAC(model, lr=lr, damping=damping, curvature=curvature, scaling="batch", factor_decay=beta,
-                momentum=0.0, eigen_every=100)
+                momentum=0.0, eigen_every=100, kl_clip=None)
     pre = opt.preconditioner
     history = []
     for i, n in enumerate((5, 8)):
@@ -615,7 +615,7 @@ def test_preconditioner_with_sgd_equals_ekfac(curvature):
 
 def _kl_run(kl_clip, lr=0.1):
     model = mlp(norm=True)
-    opt = EKFAC(model, lr=lr, damping=1e-2, kl_clip=kl_clip, **EXACT)
+    opt = EKFAC(model, lr=lr, damping=1e-2, **{**EXACT, "kl_clip": kl_clip})
     x, y = batch(9, 0)
     opt.zero_grad()
     half_mse(model(x), y).backward()

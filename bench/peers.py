@@ -123,7 +123,8 @@ def step_times(work: Workload, cfgs: Sequence[Config], warmup: int, block: int, 
                 final_loss = float(work.loss_fn(models[k](x), y))
             rows.append(dict(model=model_name, optimizer=cfg.kind, label=LABELS[cfg.kind], call=cfg.describe(),
                              timed_steps=len(times[k]), **_summary(times[k]), final_loss=final_loss,
-                             state_mb=state_bytes(opts[k], models[k]) / MIB, times_ms=times[k]))
+                             state_mb=sum(state_bytes(o, models[k]) for o in getattr(opts[k], "optimizers", [opts[k]]))
+                             / MIB, times_ms=times[k]))
     finally:
         for o in opts:
             release(o)

@@ -66,6 +66,9 @@ def test_round_robin_step_times() -> None:
         assert r["timed_steps"] == 4 and r["mean_ms"] > 0 and math.isfinite(r["final_loss"])
     assert rows[0]["mean_over_sgd"] == 1.0
     assert rows[1]["mean_over_sgd"] == pytest.approx(rows[1]["mean_ms"] / rows[0]["mean_ms"])
+    # Muon + AdamW hold a momentum buffer per weight matrix and two moments per bias: > 0 bytes
+    weights = sum(p.numel() * 4 for p in scaling.block_workload(16, 8).model.parameters() if p.ndim == 2)
+    assert rows[2]["state_mb"] * 2**20 >= weights
 
 
 def test_projection_flops_and_crossover_by_hand() -> None:

@@ -40,7 +40,9 @@ from .step_time import Workload
 
 __all__ = ["block_workload", "crossover", "main", "projection_flops"]
 
-DEFAULT_OPTIMIZERS = ("sgd", "ekfac", "kfac", "soap", "singd")
+#: SGD (the reference), ours, the cheapest peer of bench.peers' step-time table (Muon) and the cheapest
+#: curvature-based one (SINGD)
+DEFAULT_OPTIMIZERS = ("sgd", "ekfac", "muon", "singd")
 
 
 def block_workload(n: int, d: int, n_batches: int = 2) -> Workload:
@@ -69,7 +71,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--widths", default="256,1024", help="comma list of d")
     p.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
                    help="comma list from bench.peers.OPTIMIZERS (sgd first: the reference)")
-    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=5, help="steps per optimizer before the timed turn")
     p.add_argument("--block", type=int, default=10)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)

@@ -93,3 +93,21 @@ def test_peers_and_scaling_quick_smoke(tmp_path: Path) -> None:
                           "--no-progress", "--out", str(tmp_path / "scaling")])
     assert [(c["N"], c["d"]) for c in cells] == [(8, 8), (32, 8)]
     assert (tmp_path / "scaling" / "scaling.png").stat().st_size > 0
+
+
+def test_singd_state_counts_its_preconditioner_matrices() -> None:
+    pytest.importorskip("singd", reason="singd is in the peers extra: pip install -e '.[peers]'")
+    from bench.memory import state_bytes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = make_optimizer("singd", model, dict(lr=1e-2, T=1))
+    opt.zero_grad(set_to_none=True)
+    model(torch.randn(4, 6)).square().mean().backward()
+    opt.step()
+    held = sum(state_bytes(o, model) for o in opt.optimizers)
+    # per layer a dense K (d̄_in²) and C (d_out²), plus a momentum buffer per parameter
+    kc = 4 * (7 * 7 + 5 * 5 + 6 * 6 + 3 * 3)
+    momentum = 4 * sum(p.numel() for p in model.parameters())
+    assert held >= kc + momentum
+    release(opt)

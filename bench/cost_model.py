@@ -68,7 +68,8 @@ STEP_PARTS = ("forward", "backward", "optimizer")
 # -- the layer shapes -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LayerDims:
-    """One preconditioned layer as the cost model sees it."""
+    """One preconditioned layer as the cost model sees it: ``d_out × d_in`` (+ a bias column),
+    ``examples`` (N) of ``positions`` (R) rows each, ``conv``: unfolded patches as inputs."""
 
     name: str
     d_out: int
@@ -164,6 +165,7 @@ class Rates:
     copy_bytes_per_s: float
 
     def seconds(self, floor: dict[str, float]) -> float:
+        """The floor's time at these rates: flops at the GEMM rate plus bytes at the copy rate."""
         return floor["flops"] / self.gemm_flops_per_s + floor["bytes"] / self.copy_bytes_per_s
 
 

@@ -57,10 +57,12 @@ class Combined:
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
+        """Every part's parameter groups, in order."""
         return [g for o in self.optimizers for g in o.param_groups]
 
     @property
     def state(self) -> dict[Any, Any]:
+        """Every part's per-parameter state (the parts own disjoint parameters)."""
         return {k: v for o in self.optimizers for k, v in o.state.items()}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -76,9 +78,11 @@ class Combined:
             o.step()
 
     def state_dict(self) -> dict[str, Any]:
+        """``{"parts": [each part's state_dict]}``."""
         return {"parts": [o.state_dict() for o in self.optimizers]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Each part's state from :meth:`state_dict`'s ``parts``."""
         for o, s in zip(self.optimizers, state["parts"]):
             o.load_state_dict(s)
 

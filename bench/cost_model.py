@@ -197,7 +197,7 @@ def _range_times(events: Any) -> dict[str, dict[str, float]]:
         total = 0.0
         for child in ev.cpu_children:
             if child.name in GEMM_OPS:
-                total += child.cpu_time_total  # with its children (a GEMM's own helpers)
+                total += child.cpu_time_total  # with its children (a GEMM's own sub-ops)
             else:
                 total += gemm_inside(child)
         return total

@@ -1,6 +1,7 @@
 """What ran where: the one environment record of every benchmark's log (``bench.train``,
 ``bench.demo``, ``bench.step_time``, ``bench.compile_step``, ``bench.pinn_poisson``,
-``bench.mac_attention``), and the device's name and folder name."""
+``bench.mac_attention``, ``bench.cost_model``, ``bench.peers``, ``bench.scaling``), and the
+device's name and folder name."""
 
 from __future__ import annotations
 

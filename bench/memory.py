@@ -45,15 +45,20 @@ def model_storage_keys(model: nn.Module) -> set[tuple[str, int]]:
     return keys
 
 
+#: packages whose objects hold optimizer state: ours and the peers' of bench.peers (SINGD keeps its
+#: structured preconditioner matrices in its own objects, not in ``state``)
+_OWNING_PACKAGES = ("ekfac_triton", "singd", "heavyball")
+
+
 def _owned_object(obj: Any) -> bool:
-    """Objects whose attributes are walked: this library's (curvatures, captures, engines, ...)
-    and torch optimizers. Modules are the model, never state; anything else (threads, hook
-    handles, generators) holds no tensor of the optimizer's."""
+    """Objects whose attributes are walked: this library's (curvatures, captures, engines, ...),
+    the peers' (:data:`_OWNING_PACKAGES`) and torch optimizers. Modules are the model, never
+    state; anything else (threads, hook handles, generators) holds no tensor of the optimizer's."""
     if isinstance(obj, nn.Module):
         return False
     if isinstance(obj, torch.optim.Optimizer):
         return True
-    return type(obj).__module__.split(".")[0] == "ekfac_triton"
+    return type(obj).__module__.split(".")[0] in _OWNING_PACKAGES
 
 
 def state_bytes(optimizer: torch.optim.Optimizer, model: nn.Module) -> int:

@@ -67,7 +67,7 @@ from ekfac_triton import EKFAC
 from .environment import command_line, device_slug, environment
 from .experiments import VGG11_CHANNELS, autoencoder, mlp_stack, vgg11
 from .memory import PeakMemory, state_bytes, tensor_bytes
-from .optimizers import describe, make_optimizer
+from .optimizers import describe, make_optimizer, release
 from .runner import SYNC_SCOPES, synchronize
 
 MODELS = ("autoencoder", "vgg11", "mlp-stack")
@@ -246,8 +246,7 @@ def cpu_peak_bytes(work: Workload, cfg: Config, warmup: int, steps: int, state: 
             one_step(i)
         return peak.stop()
     finally:
-        if isinstance(opt, EKFAC):
-            opt.remove_hooks()
+        release(opt)
         del opt
         _reset(work.model, state, device)
 
@@ -294,8 +293,7 @@ def run_config(work: Workload, cfg: Config, warmup: int, steps: int, device: tor
             x, y = work.batches[0]
             final_loss = float(work.loss_fn(model(x), y))
     finally:
-        if isinstance(opt, EKFAC):
-            opt.remove_hooks()
+        release(opt)
         del opt, one_step
         _reset(model, state, device)  # next configuration starts from the same weights
     if peak_bytes is None and memory:

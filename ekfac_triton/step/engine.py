@@ -241,39 +241,46 @@ class StepEngine:
     def _advance(self, tx: Transaction, damping_of: Callable[[PreconditionedLayer], float],
                  also_check: Sequence[Tensor], fused: Callable[[PreconditionedLayer], bool] | None) -> StepPlan | None:
         stats_step = self.statistics_due
-        grads = {layer: layer.adapter.grad_matrix() for layer in self.layers if layer.adapter.has_grad()}
-        batches = self._collect(grads) if stats_step else {}
+        with maths.profile_range("collect"):
+            grads = {layer: layer.adapter.grad_matrix() for layer in self.layers if layer.adapter.has_grad()}
+            batches = self._collect(grads) if stats_step else {}
         # A layer no backward reached since the last step (its gradient zeros, or left from before)
         # has 0 examples: no statistics this step, and no batch-scaling update (curvature.base).
         examples = [self._num_examples(layer) if layer in grads and layer.capture.arrivals else 0
                     for layer in self.layers]
-        checked = self._check(tx, grads, batches, also_check, examples)
+        with maths.profile_range("check"):
+            checked = self._check(tx, grads, batches, also_check, examples)
         if checked is None:
             return None
         finite, examples, early, special = checked
         mask = self.execution.finite_flag(finite) if isinstance(finite, Tensor) else None
         if early:
-            self._install_finished(tx)
+            with maths.profile_range("install"):
+                self._install_finished(tx)
         weights = {layer: batches[layer].num_examples / examples[i] for i, layer in enumerate(self.layers)
                    if layer in batches}  # data-parallel: N_rank / N, the averaged EMA is that of all ranks
         decay = self.config.factor_decay
         scalars: list[float] = []
-        jobs = [layer.curvature.accumulated_statistics_job(batch.sums, batch.num_examples, decay, scalars)
-                if isinstance(batch, Accumulation) else layer.curvature.statistics_job(batch, decay, scalars)
-                for layer, batch in batches.items()]
-        self._run_jobs(tx, "factors", maths.update_factors, jobs, scalars, mask,
-                       [(weights[layer], layer.curvature.statistics()) for layer in batches])
+        with maths.profile_range("factors"):
+            jobs = [layer.curvature.accumulated_statistics_job(batch.sums, batch.num_examples, decay, scalars)
+                    if isinstance(batch, Accumulation) else layer.curvature.statistics_job(batch, decay, scalars)
+                    for layer, batch in batches.items()]
+            self._run_jobs(tx, "factors", maths.update_factors, jobs, scalars, mask,
+                           [(weights[layer], layer.curvature.statistics()) for layer in batches])
         due = self._due(grads)
         if early and due and not self._produced_finite(tx):
             return None  # an overflowing statistic: caught before it reaches an eigendecomposition
-        self._refresh(tx, due)
+        with maths.profile_range("refresh"):
+            self._refresh(tx, due)
         scalars = []
-        jobs = [self._accumulated_scaling_job(layer, batch, decay, scalars)
-                if isinstance(batch, Accumulation) else layer.curvature.scaling_job(batch, decay, scalars)
-                for layer, batch in batches.items()]
-        self._run_jobs(tx, "scalings", maths.update_scalings, jobs, scalars, mask,
-                       [(weights[layer], layer.curvature.refreshed_statistics()) for layer in batches])
-        plan = self._plan_directions(grads, examples, damping_of, fused, mask)
+        with maths.profile_range("scalings"):
+            jobs = [self._accumulated_scaling_job(layer, batch, decay, scalars)
+                    if isinstance(batch, Accumulation) else layer.curvature.scaling_job(batch, decay, scalars)
+                    for layer, batch in batches.items()]
+            self._run_jobs(tx, "scalings", maths.update_scalings, jobs, scalars, mask,
+                           [(weights[layer], layer.curvature.refreshed_statistics()) for layer in batches])
+        with maths.profile_range("plan"):
+            plan = self._plan_directions(grads, examples, damping_of, fused, mask)
         tx.before_update(t for job in plan.jobs if job is not None for t in mutated(job))
         plan.transaction = tx
         plan.host_check = self.execution.checks_at_end(special)
@@ -286,10 +293,12 @@ class StepEngine:
         parameters only after True, then calls :meth:`finish`."""
         tx = plan.transaction
         if plan.host_check:
-            flag = maths.all_finite(tx.produced + [d for d in directions if d is not None], self.device)
-            for inputs_finite in tx.inputs:
-                flag = flag & inputs_finite
-            if not self.distribution.agree_flag(flag):
+            with maths.profile_range("finite_check"):
+                flag = maths.all_finite(tx.produced + [d for d in directions if d is not None], self.device)
+                for inputs_finite in tx.inputs:
+                    flag = flag & inputs_finite
+                agreed = self.distribution.agree_flag(flag)
+            if not agreed:
                 self.abort(tx, skipped=True)
                 return False
         return True

@@ -15,6 +15,7 @@ Each function below is one phase of the step over all layers, and one compiled g
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -26,6 +27,24 @@ from ..layers.base import MatrixLayout
 
 #: ``scalars``: a list of floats (eager) or a float64 device vector (compiled)
 Scalars = Any
+
+#: Whether the step's phases open ``torch.profiler.record_function`` ranges (``ekfac::<phase>``,
+#: read by ``bench.cost_model``). Off by default: entering a range costs a few microseconds even
+#: with no profiler running, so the ordinary step enters none.
+PROFILE_RANGES = False
+#: The names :func:`profile_range` is called with, in step order (the cost model's parts).
+RANGES = ("collect", "check", "install", "factors", "refresh", "scalings", "plan", "directions", "direction",
+          "finite_check", "update")
+_NO_RANGE = contextlib.nullcontext()
+
+
+def profile_range(name: str) -> contextlib.AbstractContextManager[Any]:
+    """A profiler range ``ekfac::<name>`` around one phase of the step when
+    :data:`PROFILE_RANGES` is set (never inside ``torch.compile``: the compiled graphs are left as
+    they are); otherwise a no-op context."""
+    if not PROFILE_RANGES or torch.compiler.is_compiling():
+        return _NO_RANGE
+    return torch.profiler.record_function("ekfac::" + name)
 
 
 def all_finite(tensors: list[Tensor], device: torch.device | None = None) -> Tensor:
@@ -81,10 +100,14 @@ def directions(jobs: Sequence[Any], scalars: Scalars, finite: Tensor | None, bac
                kl_clip: float | None = None, lr_at: Sequence[int] = ()) -> tuple[list[Tensor], Tensor | None]:
     """Each layer's preconditioned direction and, with ``kl_clip``, the KL-clip factor (``lr_at``:
     per job, the index of its group's lr in ``scalars``)."""
-    out = [job.run(scalars, finite, backend) for job in jobs]
-    scale = None
-    if kl_clip is not None:
-        scale = kl_clip_scale(((d, job.grad, scalars[at]) for d, job, at in zip(out, jobs, lr_at)), kl_clip)
+    with profile_range("directions"):
+        out = []
+        for job in jobs:
+            with profile_range("direction"):
+                out.append(job.run(scalars, finite, backend))
+        scale = None
+        if kl_clip is not None:
+            scale = kl_clip_scale(((d, job.grad, scalars[at]) for d, job, at in zip(out, jobs, lr_at)), kl_clip)
     return out, scale
 
 
@@ -133,8 +156,19 @@ def update_parameters(directions: list[Tensor], scale: Tensor | None, layouts: t
                       decoupled: bool, backend: str) -> None:
     """The update phase: per group weight decay, momentum and ``p -= lr·m`` along each layer's
     direction (``layouts[j]``: where job j's parameters sit in its direction matrix) or, where a
-    parameter has no layer, its gradient (an :class:`AdamWUpdate` group: AdamW on those). ``skips`` (compiled step): device counters of the steps
-    ``finite`` skipped, ``[in all, in a row]`` (the second is reset by a step that commits)."""
+    parameter has no layer, its gradient (an :class:`AdamWUpdate` group: AdamW on those). ``skips``
+    (compiled step): device counters of the steps ``finite`` skipped, ``[in all, in a row]`` (the
+    second is reset by a step that commits)."""
+    with profile_range("update"):
+        _update_groups(directions, scale, layouts, groups, scalars, finite, decoupled, backend)
+    if skips is not None and finite is not None:
+        skipped = (~finite).to(skips.dtype)
+        skips.copy_(torch.stack((skips[0] + skipped, (skips[1] + 1) * skipped)))
+
+
+def _update_groups(directions: list[Tensor], scale: Tensor | None, layouts: tuple[MatrixLayout, ...],
+                   groups: list[GroupUpdate | AdamWUpdate], scalars: Scalars, finite: Tensor | None,
+                   decoupled: bool, backend: str) -> None:
     for group in groups:
         if isinstance(group, AdamWUpdate):
             ops.adamw_update(group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, lr=scalars[group.lr_at],
@@ -153,9 +187,6 @@ def update_parameters(directions: list[Tensor], scale: Tensor | None, layouts: t
         ops.moment_update(group.params, updates, group.buffers, lr=scalars[group.lr_at], momentum=group.momentum,
                           weight_decay=group.weight_decay, scales=scales, decoupled=decoupled, finite=finite,
                           backend=backend)
-    if skips is not None and finite is not None:
-        skipped = (~finite).to(skips.dtype)
-        skips.copy_(torch.stack((skips[0] + skipped, (skips[1] + 1) * skipped)))
 
 
 def precondition_and_update(jobs: list[Any], layouts: tuple[MatrixLayout, ...], groups: list[GroupUpdate | AdamWUpdate],

@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:          # bench/ lives beside the package, not in
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from bench import gpt2  # noqa: E402
-from bench.optimizers import MuonWithAdamW, make_optimizer, muon_matrices  # noqa: E402
+from bench.optimizers import LABELS, MuonWithAdamW, make_optimizer, muon_matrices  # noqa: E402
 
 
 def tiny(**kw) -> gpt2.ExampleConfig:
@@ -54,7 +54,7 @@ def test_quick_run_writes_outputs_and_trains(tmp_path, capsys):
     assert adamw[-1]["train_loss"] < adamw[0]["train_loss"] - 0.05   # 8 steps at lr 3e-3 learn something
     assert log["environment"]["transformers"] and log["environment"]["date"]
     table = (out / "table.md").read_text()
-    for label in ("EKFAC", "AdamW", "Muon"):
+    for label in (LABELS[kind] for kind in ("ekfac", "adamw", "muon")):
         assert f"| {label} |" in table
     assert "held-out bits/byte" in table
 
@@ -117,9 +117,13 @@ def test_muon_with_adamw_steps_both_and_resumes():
         fresh.load_state_dict({"muon": opt.muon.state_dict()})
 
 
-def test_muon_refuses_a_model_without_an_output_head_api():
-    with pytest.raises(ValueError, match="get_output_embeddings"):
-        make_optimizer("muon", torch.nn.Sequential(torch.nn.Linear(4, 4)), {})
+def test_muon_without_an_output_head_api_takes_every_matrix_but_embeddings():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 8), torch.nn.LayerNorm(8),
+                                torch.nn.Linear(8, 3))
+    matrices, rest = muon_matrices(model)
+    assert [id(p) for p in matrices] == [id(model[1].weight), id(model[3].weight)]
+    assert {id(p) for p in rest} == {id(model[0].weight), id(model[1].bias), id(model[2].weight), id(model[2].bias),
+                                     id(model[3].bias)}
 
 
 def test_grid_points_move_both_muon_learning_rates():

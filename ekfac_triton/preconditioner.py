@@ -171,6 +171,9 @@ class Preconditioner(StepEngine):
         worker thread, if any)."""
         for layer in self.layers:
             layer.capture.remove()
+            if layer.witness is not None:
+                layer.witness.remove()
+                layer.witness = None
         self.eigen.shutdown()
 
     # -- the backward ---------------------------------------------------------------------------

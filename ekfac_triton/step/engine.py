@@ -33,6 +33,7 @@ from ..layers import LayerAdapter, LayerBatch
 from . import maths
 from .execution import Eager
 from .jobs import mutated, state_tensors
+from .rows import GradientWitness, rows_match
 from .transaction import Transaction
 
 
@@ -45,6 +46,8 @@ class PreconditionedLayer:
     capture: LayerCapture
     curvature: Curvature
     warned: bool = field(default=False)
+    #: the guard of the projected gradient's row form (:mod:`ekfac_triton.step.rows`)
+    witness: GradientWitness | None = field(default=None)
 
 
 @dataclass
@@ -114,7 +117,12 @@ class StepEngine:
         enabled = self.statistics_due
         self._curvature_passes = 0
         empirical = self.config.fisher.fisher == "empirical"
+        rows = self.config.statistics.projected_gradient != "gradient"
         for layer in self.layers:
+            if rows and layer.witness is None and hasattr(layer.curvature, "rows"):
+                layer.witness = GradientWitness(layer.adapter.params)
+            if layer.witness is not None:
+                layer.witness.reset()
             layer.capture.clear()
             layer.capture.enabled = enabled
             layer.capture.keep_loss_grads = empirical
@@ -178,6 +186,7 @@ class StepEngine:
         if early and due and not self._produced_finite(tx):
             return None  # an overflowing statistic: caught before it reaches an eigendecomposition
         self._refresh(tx, due)
+        self._exact_rows(grads, batches)
         scalars = []
         jobs = [layer.curvature.scaling_job(batch, decay, scalars) for layer, batch in batches.items()]
         self._run_jobs(tx, "scalings", maths.update_scalings, jobs, scalars, mask,
@@ -322,6 +331,46 @@ class StepEngine:
             layers.append(layer)
             jobs.append(job)
         return StepPlan(layers, jobs, scalars, mask)
+
+    def _exact_rows(self, grads: dict[PreconditionedLayer, Tensor],
+                    batches: dict[PreconditionedLayer, LayerBatch]) -> None:
+        """Phase 5b: hand each eigenbasis curvature its batch where the projected gradient may be
+        formed from the rows, ``(ĜQ_out)ᵀ(ĀQ_in)/N`` (``projected_gradient``: where it pays, or
+        wherever allowed), None elsewhere; the guard (:mod:`ekfac_triton.step.rows`) decides,
+        its probes in one host sync."""
+        for layer in self.layers:
+            if hasattr(layer.curvature, "rows"):
+                layer.curvature.rows = None
+        mode = self.config.statistics.projected_gradient
+        candidates = [(layer, batch) for layer, batch in batches.items()
+                      if self._rows_allowed(layer, batch)
+                      and (mode == "rows" or layer.curvature.rows_pay(batch.num_examples))]
+        if not candidates:
+            return
+        if self._rows_generator is None:
+            self._rows_generator = torch.Generator(device=self.device).manual_seed(0)
+        flags = torch.stack([rows_match(grads[layer], batch, layer.adapter.has_bias, self._rows_generator)
+                             for layer, batch in candidates]).tolist()
+        for (layer, batch), exact in zip(candidates, flags):
+            if exact:
+                layer.curvature.rows = batch
+
+    _rows_generator: torch.Generator | None = None
+
+    def _rows_allowed(self, layer: PreconditionedLayer, batch: LayerBatch) -> bool:
+        """The exact checks of the row form's guard (the configuration, the batch's shape, the
+        witness); the probe comes after."""
+        scaler = self.config.statistics.grad_scaler
+        return (self.config.statistics.projected_gradient != "gradient"
+                and self.config.fisher.fisher == "empirical"
+                and type(self.distribution).__name__ == "SingleProcess"
+                and not self.execution.compiled
+                and (scaler is None or not scaler.is_enabled())
+                and hasattr(layer.curvature, "rows") and layer.curvature.has_basis
+                and batch.draws == 1 and batch.g is not None and batch.a.is_floating_point()
+                and batch.a.dim() == 3 and batch.a.shape[1] == 1 and batch.g.shape[1] == 1
+                and layer.capture.completed == 1
+                and layer.witness is not None and layer.witness.untouched())
 
     def _install(self, tx: Transaction, layer: PreconditionedLayer, result: Decomposition) -> None:
         tx.before_update(layer.curvature.installs_in_place())

@@ -203,3 +203,44 @@ def test_probe_accepts_rounding_and_refuses_a_small_change(dtype):
     relative = 1e-3 if dtype == torch.float32 else 1e-10
     assert not bool(rows_match(grad * (1 + relative), batch, True, gen))
     assert not bool(rows_match(grad + relative * grad.abs().max() * torch.randn_like(grad), batch, True, gen))
+
+
+# -- K-FAC's factored damping ----------------------------------------------------------------------------
+@pytest.mark.parametrize("split", ["pi", "sqrt"])
+def test_factored_damping_is_its_dense_solve(split):
+    """One exact step (factors of this batch, fresh basis): each layer moves by
+    ``-lr (G + γI)⁻¹ ∇W̄ (A + (λ/γ)I)⁻¹``, solved densely in float64, in both forms."""
+    lr, damping = 0.1, 0.3
+    for mode, n in (("gradient", 6), ("auto", 6), ("auto", 64)):
+        model = make_mlp((20, 30, 12))
+        opt = EKFAC(model, curvature="kfac", lr=lr, damping=damping, factored_damping=split, momentum=0.0,
+                    weight_decay=0.0, factor_decay=0.0, eigen_every=1, projected_gradient=mode)
+        x, y = torch.randn(n, 20, dtype=torch.float64), torch.randn(n, 12, dtype=torch.float64)
+        half_mse(model(x), y).backward()
+        layers = [m for m in model if isinstance(m, nn.Linear)]
+        before = [torch.cat([m.weight, m.bias[:, None]], 1).detach().clone() for m in layers]
+        grads = [torch.cat([m.weight.grad, m.bias.grad[:, None]], 1).clone() for m in layers]
+        opt.step()
+        for m, w0, grad, layer in zip(layers, before, grads, opt.preconditioner.layers):
+            c = layer.curvature
+            g_f, a_f = c.out_factor, c.in_factor
+            d_out, d_in = g_f.shape[0], a_f.shape[0]
+            if split == "pi":
+                gamma = (damping * (g_f.trace() / d_out) / (a_f.trace() / d_in)).sqrt()
+            else:
+                gamma = torch.tensor(damping, dtype=torch.float64).sqrt()
+            u = torch.linalg.solve(g_f + gamma * torch.eye(d_out, dtype=torch.float64), grad)
+            u = torch.linalg.solve(a_f + damping / gamma * torch.eye(d_in, dtype=torch.float64), u.T).T
+            moved = torch.cat([m.weight, m.bias[:, None]], 1).detach() - w0
+            assert_rel_close(moved, -lr * u, 1e-10, f"{split} {mode} N={n}")
+            expect = "rows" if (mode == "auto" and n == 6) else "gradient"
+            assert c.last_projection == expect, (mode, n, c.last_projection)
+
+
+def test_factored_damping_rows_equal_gradient_form_over_steps():
+    _lockstep((20, 30, 12), 6, "kfac", expect="rows", factored_damping="pi")
+
+
+def test_factored_damping_refuses_an_unknown_split():
+    with pytest.raises(ValueError, match="factored_damping"):
+        EKFAC(make_mlp((3, 2)), curvature="kfac", lr=0.1, damping=0.1, factored_damping="tikhonov")

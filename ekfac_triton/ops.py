@@ -27,7 +27,8 @@ from torch import Tensor
 from . import kernels
 
 __all__ = ["Scalar", "commit", "ema", "factor_update", "precondition", "per_example_scaling", "moment_update",
-           "mac_update", "example_projections", "projected_gradient", "precondition_projected"]
+           "mac_update", "example_projections", "per_example_scaling_rows", "projected_gradient",
+           "precondition_projected"]
 
 #: a step-varying number: a Python float (eager) or a 0-dim tensor (compiled)
 Scalar = float | Tensor
@@ -113,6 +114,14 @@ def example_projections(g: Tensor, a: Tensor, q_out: Tensor, q_in: Tensor, *, bi
     if bias:
         a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
     return g.to(dtype) @ q_out, a @ q_in
+
+
+def per_example_scaling_rows(S: Tensor, gq: Tensor, aq: Tensor, *, alpha: Scalar, beta: Scalar,
+                             finite: Tensor | None = None) -> Tensor:
+    """``S <- beta*S + alpha * (ĜQ_out)²ᵀ (ĀQ_in)²``: :func:`per_example_scaling` for one position
+    per example from projections already formed (:func:`example_projections`); the reference's
+    formula, in plain torch whatever the backend."""
+    return ema(S, gq.square().T @ aq.square(), beta, alpha, finite)
 
 
 def projected_gradient(gq: Tensor, aq: Tensor) -> Tensor:

@@ -97,7 +97,7 @@ class ScalingJob(NamedTuple):
         if self.projected is not None:
             # the reference's R = 1 formula, its projections kept for the direction (plain torch)
             gq, aq = ops.example_projections(self.g[:, 0], self.a[:, 0], self.q_out, self.q_in, bias=self.bias)
-            ops.ema(self.scaling, gq.square().T @ aq.square(), beta, alpha, finite)
+            ops.per_example_scaling_rows(self.scaling, gq, aq, alpha=alpha, beta=beta, finite=finite)
             self.projected.copy_(ops.projected_gradient(gq, aq))
             return
         a, m = self.a, self.draws

@@ -124,11 +124,12 @@ def per_example_scaling_rows(S: Tensor, gq: Tensor, aq: Tensor, *, alpha: Scalar
     return ema(S, gq.square().T @ aq.square(), beta, alpha, finite)
 
 
-def projected_gradient(gq: Tensor, aq: Tensor) -> Tensor:
+def projected_gradient(gq: Tensor, aq: Tensor, out: Tensor | None = None) -> Tensor:
     """``Q_outᵀ ∇W̄ Q_in = (Ĝ Q_out)ᵀ (Ā Q_in) / N`` when ``∇W̄ = Ĝᵀ Ā / N`` exactly (one position
     per example, ĝ = N times the mean loss's output-gradient): one (d_out × N)(N × d_in̄) GEMM,
-    ``2·N·d_out·d_in̄`` flops instead of the gradient form's ``2·d_out·d_in̄·(d_in̄ + d_out)``."""
-    return (gq.T @ aq).div_(gq.shape[0])
+    ``2·N·d_out·d_in̄`` flops instead of the gradient form's ``2·d_out·d_in̄·(d_in̄ + d_out)``
+    (``out``: written there)."""
+    return torch.mm(gq.T, aq, out=out).div_(gq.shape[0])
 
 
 def precondition_projected(projected: Tensor, q_out: Tensor, q_in: Tensor, scaling: Tensor, damping: Scalar, *,

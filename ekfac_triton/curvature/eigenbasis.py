@@ -98,7 +98,7 @@ class ScalingJob(NamedTuple):
             # the reference's R = 1 formula, its projections kept for the direction (plain torch)
             gq, aq = ops.example_projections(self.g[:, 0], self.a[:, 0], self.q_out, self.q_in, bias=self.bias)
             ops.per_example_scaling_rows(self.scaling, gq, aq, alpha=alpha, beta=beta, finite=finite)
-            self.projected.copy_(ops.projected_gradient(gq, aq))
+            ops.projected_gradient(gq, aq, out=self.projected)
             return
         a, m = self.a, self.draws
         if self.per_position:  # positions as examples: an approximation

@@ -28,6 +28,8 @@ from torch import Tensor
 from ..capture import LayerCapture
 from ..curvature import Curvature
 from ..curvature.base import Direction
+from ..curvature.eigenbasis import EigenbasisCurvature
+from ..distributed import SingleProcess
 from ..eigen_engine import Decomposition, EigenEngine
 from ..layers import LayerAdapter, LayerBatch
 from . import maths
@@ -82,6 +84,8 @@ class StepEngine:
     execution: Eager
     backend: str
     device: torch.device
+    #: the generator of the row form's probe vectors (created at first use, seed 0)
+    _rows_generator: torch.Generator | None = None
 
     def _init_counts(self) -> None:
         self.steps = 0
@@ -119,7 +123,7 @@ class StepEngine:
         empirical = self.config.fisher.fisher == "empirical"
         rows = self.config.statistics.projected_gradient != "gradient"
         for layer in self.layers:
-            if rows and layer.witness is None and hasattr(layer.curvature, "rows"):
+            if rows and layer.witness is None and isinstance(layer.curvature, EigenbasisCurvature):
                 layer.witness = GradientWitness(layer.adapter.params)
             if layer.witness is not None:
                 layer.witness.reset()
@@ -339,7 +343,7 @@ class StepEngine:
         wherever allowed), None elsewhere; the guard (:mod:`ekfac_triton.step.rows`) decides,
         its probes in one host sync."""
         for layer in self.layers:
-            if hasattr(layer.curvature, "rows"):
+            if isinstance(layer.curvature, EigenbasisCurvature):
                 layer.curvature.rows = None
         mode = self.config.statistics.projected_gradient
         candidates = [(layer, batch) for layer, batch in batches.items()
@@ -355,18 +359,16 @@ class StepEngine:
             if exact:
                 layer.curvature.rows = batch
 
-    _rows_generator: torch.Generator | None = None
-
     def _rows_allowed(self, layer: PreconditionedLayer, batch: LayerBatch) -> bool:
         """The exact checks of the row form's guard (the configuration, the batch's shape, the
         witness); the probe comes after."""
         scaler = self.config.statistics.grad_scaler
         return (self.config.statistics.projected_gradient != "gradient"
                 and self.config.fisher.fisher == "empirical"
-                and type(self.distribution).__name__ == "SingleProcess"
+                and isinstance(self.distribution, SingleProcess)
                 and not self.execution.compiled
                 and (scaler is None or not scaler.is_enabled())
-                and hasattr(layer.curvature, "rows") and layer.curvature.has_basis
+                and isinstance(layer.curvature, EigenbasisCurvature) and layer.curvature.has_basis
                 and batch.draws == 1 and batch.g is not None and batch.a.is_floating_point()
                 and batch.a.dim() == 3 and batch.a.shape[1] == 1 and batch.g.shape[1] == 1
                 and layer.capture.completed == 1

@@ -244,3 +244,23 @@ def test_factored_damping_rows_equal_gradient_form_over_steps():
 def test_factored_damping_refuses_an_unknown_split():
     with pytest.raises(ValueError, match="factored_damping"):
         EKFAC(make_mlp((3, 2)), curvature="kfac", lr=0.1, damping=0.1, factored_damping="tikhonov")
+
+
+@pytest.mark.slow
+def test_factored_damping_compiled_step_equals_eager_rows():
+    """The compiled step keeps the gradient form (no guard there); it equals the eager row form."""
+    model = make_mlp((20, 30, 12))
+    ref_model = copy.deepcopy(model)
+    kw = dict(curvature="kfac", lr=0.05, damping=0.3, factored_damping="pi", eigen_every=2)
+    opt, ref = EKFAC(model, compile_step=True, **kw), EKFAC(ref_model, **kw)
+    gen = torch.Generator().manual_seed(1)
+    for k in range(3):
+        x, y = torch.randn(6, 20, generator=gen, dtype=torch.float64), torch.randn(6, 12, generator=gen,
+                                                                                     dtype=torch.float64)
+        for mdl, o in ((model, opt), (ref_model, ref)):
+            mdl.zero_grad()
+            half_mse(mdl(x), y).backward()
+            o.step()
+        for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            assert_rel_close(p, q, 1e-10, f"compiled step {k} {name}")
+        assert _forms(opt) == ["gradient", "gradient"] and _forms(ref) == ["rows", "rows"]

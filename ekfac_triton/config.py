@@ -23,6 +23,7 @@ from torch import nn
 from .curvature import Curvature, CurvatureOptions, curvature_class
 from .curvature.base import check_bool, is_number
 from .fisher import check_fisher
+from .step.rows import PROJECTED_GRADIENT
 
 BACKENDS = ("auto", "triton", "torch")
 #: dtypes the statistics (factors) and the eigenbases (with the scalings) may be kept in: they
@@ -118,6 +119,15 @@ class StatisticsConfig:
     basis_dtype: torch.dtype | None = doc("dtype of the eigenbases, eigenvalues and scalings (and of the "
                                           "preconditioning arithmetic), ``torch.float32`` or ``torch.float64``; "
                                           "None: the factors' dtype.")
+    projected_gradient: str = doc("how the direction forms the projected gradient ``Q_outᵀ ∇W̄ Q_in`` of a layer "
+                                  "with one position per example on statistics steps: ``\"auto\"`` from the "
+                                  "captured rows, ``(ĜQ_out)ᵀ(ĀQ_in)/N``, where that costs fewer flops than from "
+                                  "the gradient matrix; ``\"rows\"`` from the rows wherever allowed; "
+                                  "``\"gradient\"`` always from the gradient matrix. The rows are used only "
+                                  "where a guard establishes that the gradient is exactly theirs (empirical "
+                                  "Fisher, eager step, one process, gradient untouched since its one "
+                                  "accumulation, a random probe within rounding); elsewhere the gradient form, "
+                                  "the same direction up to rounding (ARCHITECTURE.md).", "auto")
     grad_scaler: Any = doc("the ``torch.amp.GradScaler`` whose scaled loss is backpropagated (fp16 training), or "
                            "None. The captured output-gradients carry its scale, which the statistics divide out. "
                            "With it, ``scaler.step(opt)`` always calls ``EKFAC.step`` (torch's "
@@ -145,6 +155,9 @@ class StatisticsConfig:
             value = getattr(self, name)
             if value is not None and value not in STATE_DTYPES:
                 raise ValueError(f"Invalid {name}={value!r}: must be None, torch.float32 or torch.float64")
+        if self.projected_gradient not in PROJECTED_GRADIENT:
+            raise ValueError(f"Invalid projected_gradient={self.projected_gradient!r}: must be one of "
+                             f"{PROJECTED_GRADIENT}")
         if self.grad_scaler is not None and not isinstance(self.grad_scaler, torch.amp.GradScaler):
             raise ValueError(f"Invalid grad_scaler={self.grad_scaler!r}: must be None or a torch.amp.GradScaler")
 

@@ -27,7 +27,8 @@ from torch import Tensor
 from . import kernels
 
 __all__ = ["Scalar", "commit", "ema", "factor_update", "precondition", "per_example_scaling", "moment_update",
-           "adamw_update", "mac_update"]
+           "adamw_update", "mac_update", "example_projections", "per_example_scaling_rows", "projected_gradient",
+           "precondition_projected"]
 
 #: a step-varying number: a Python float (eager) or a 0-dim tensor (compiled)
 Scalar = float | Tensor
@@ -101,6 +102,47 @@ def precondition(grad: Tensor, q_out: Tensor, q_in: Tensor, scaling: Tensor, dam
     direction = kernels.precondition_reference(grad, q_out, q_in, updated, damping, batch_update=(beta, alpha_n, 1))
     commit(scaling, updated, finite)
     return direction
+
+
+def example_projections(g: Tensor, a: Tensor, q_out: Tensor, q_in: Tensor, *, bias: bool) -> tuple[Tensor, Tensor]:
+    """``(Ĝ Q_out, Ā Q_in)``: the (N, d_out) and (N, d_in̄) per-example projections of one
+    position per example (``g``: (N, d_out) rows ĝ, ``a``: (N, d_in) rows without the bias
+    column), in the bases' dtype; the factors of EKFAC's per-example scaling (George et al. 2018,
+    Eq. 9) and, divided by N, of the projected gradient (:func:`projected_gradient`)."""
+    dtype = q_out.dtype
+    a = a.to(dtype)
+    if bias:
+        a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
+    return g.to(dtype) @ q_out, a @ q_in
+
+
+def per_example_scaling_rows(S: Tensor, gq: Tensor, aq: Tensor, *, alpha: Scalar, beta: Scalar,
+                             finite: Tensor | None = None) -> Tensor:
+    """``S <- beta*S + alpha * (ĜQ_out)²ᵀ (ĀQ_in)²``: :func:`per_example_scaling` for one position
+    per example from projections already formed (:func:`example_projections`); the reference's
+    formula, in plain torch whatever the backend."""
+    return ema(S, gq.square().T @ aq.square(), beta, alpha, finite)
+
+
+def projected_gradient(gq: Tensor, aq: Tensor, out: Tensor | None = None) -> Tensor:
+    """``Q_outᵀ ∇W̄ Q_in = (Ĝ Q_out)ᵀ (Ā Q_in) / N`` when ``∇W̄ = Ĝᵀ Ā / N`` exactly (one position
+    per example, ĝ = N times the mean loss's output-gradient): one (d_out × N)(N × d_in̄) GEMM,
+    ``2·N·d_out·d_in̄`` flops instead of the gradient form's ``2·d_out·d_in̄·(d_in̄ + d_out)``
+    (``out``: written there)."""
+    return torch.mm(gq.T, aq, out=out).div_(gq.shape[0])
+
+
+def precondition_projected(projected: Tensor, q_out: Tensor, q_in: Tensor, scaling: Tensor, damping: Scalar, *,
+                           batch_update: tuple[Scalar, Scalar] | None = None, finite: Tensor | None = None
+                           ) -> Tensor:
+    """``Q_out [P / (S + λ)] Q_inᵀ`` from an already projected gradient ``P = Q_outᵀ ∇W̄ Q_in``
+    (overwritten): the back half of :func:`precondition`, with the same ``batch_update``
+    semantics (``S <- beta*S + alpha_n * P²`` first). Plain torch whatever the backend."""
+    if batch_update is not None:
+        beta, alpha_n = batch_update
+        ema(scaling, projected.square(), beta, alpha_n, finite)
+    projected.div_(scaling + damping)
+    return q_out @ projected @ q_in.T
 
 
 def moment_update(params: Sequence[Tensor], directions: Sequence[Tensor], buffers: Sequence[Tensor | None], *,

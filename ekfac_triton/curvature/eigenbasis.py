@@ -84,12 +84,22 @@ class ScalingJob(NamedTuple):
     one_hot: bool
     per_position: bool
     draws: int
+    #: (d_out, d_in̄) scratch that receives ``Q_outᵀ ∇W̄ Q_in = (ĜQ_out)ᵀ(ĀQ_in)/N`` from the same
+    #: projections (one position per example and draw, the step's guard having established
+    #: ``∇W̄ = ĜᵀĀ/N``; ARCHITECTURE.md, "The projected gradient from the rows"); None: not wanted
+    projected: Tensor | None = None
 
     def mutated(self) -> tuple[Tensor, ...]:
         return (self.scaling,)
 
     def run(self, scalars: Any, finite: Tensor | None, backend: str) -> None:
         beta, alpha = scalars[self.at], scalars[self.at + 1]
+        if self.projected is not None:
+            # the reference's R = 1 formula, its projections kept for the direction (plain torch)
+            gq, aq = ops.example_projections(self.g[:, 0], self.a[:, 0], self.q_out, self.q_in, bias=self.bias)
+            ops.per_example_scaling_rows(self.scaling, gq, aq, alpha=alpha, beta=beta, finite=finite)
+            ops.projected_gradient(gq, aq, out=self.projected)
+            return
         a, m = self.a, self.draws
         if self.per_position:  # positions as examples: an approximation
             a = a.reshape(-1, 1, a.shape[-1])
@@ -136,16 +146,31 @@ class EigenbasisDirection(NamedTuple):
     batch: bool
     effective_damping: bool
     one_hot: bool
+    #: ``Q_outᵀ ∇W̄ Q_in`` already formed by this step's scaling job (overwritten here), or None
+    projected: Tensor | None = None
+    #: ``(ĝ, ā)``, (N, d_out) and (N, d_in) rows with ``∇W̄ = ĜᵀĀ/N`` exactly (the step's guard
+    #: checked it): the projection is formed from them, ``2N(d_out² + d_in̄² + d_out·d_in̄)``
+    #: flops; None: from ``grad``
+    rows: tuple[Tensor, Tensor] | None = None
+    #: whether ``rows``' inputs get the bias column
+    bias: bool = False
 
     def mutated(self) -> tuple[Tensor, ...]:
         return (self.scaling,) if self.batch else ()
 
     def run(self, scalars: Any, finite: Tensor | None, backend: str) -> Tensor:
         damping = scalars[self.at]
-        grad = self.grad.to(self.q_out.dtype)
         if self.effective_damping:
             damping = self.scaling.mean().clamp_min(damping)
         batch_update = (scalars[self.at + 1], scalars[self.at + 2]) if self.batch else None
+        projected = self.projected
+        if projected is None and self.rows is not None:
+            gq, aq = ops.example_projections(*self.rows, self.q_out, self.q_in, bias=self.bias)
+            projected = ops.projected_gradient(gq, aq)
+        if projected is not None:
+            return ops.precondition_projected(projected, self.q_out, self.q_in, self.scaling, damping,
+                                              batch_update=batch_update, finite=finite)
+        grad = self.grad.to(self.q_out.dtype)
         if self.one_hot:
             return one_hot.precondition(grad, self.q_out, self.scaling, damping, batch_update=batch_update,
                                         finite=finite)
@@ -204,6 +229,24 @@ class EigenbasisCurvature(Curvature):
         self.scaling: Tensor | None = None
         self.factor_updates = 0
         self.scaling_updates = 0
+        #: this step's captured batch when the step's guard established ``∇W̄ = ĜᵀĀ/N`` and the
+        #: row form pays (:meth:`rows_pay`); set by the step before the scaling jobs, consumed by
+        #: :meth:`direction_job`
+        self.rows: LayerBatch | None = None
+        self._projected: Tensor | None = None
+        #: how the last direction's projection was formed: ``"rows"``, ``"gradient"`` or None
+        self.last_projection: str | None = None
+
+    def rows_pay(self, num_examples: int) -> bool:
+        """Whether forming ``Q_outᵀ ∇W̄ Q_in`` from the rows of a batch of ``num_examples`` (one
+        position each) costs fewer flops than from the gradient matrix: ``2N·d_out·d_in̄`` (plus
+        ``2N(d_out² + d_in̄²)`` for the projections themselves when no per-example scaling forms
+        them) against ``2·d_out·d_in̄·(d_in̄ + d_out)``."""
+        if self.shape.one_hot:
+            return False
+        d_out, d_in, n = self.shape.d_out, self.shape.d_in_bar, num_examples
+        rows = n * d_out * d_in + (0 if self.estimates_per_example else n * (d_out * d_out + d_in * d_in))
+        return rows < d_out * d_in * (d_in + d_out)
 
     @property
     def estimates_per_example(self) -> bool:
@@ -333,8 +376,11 @@ class EigenbasisCurvature(Curvature):
         beta, alpha = self.next_scaling_weights(decay)
         at = len(scalars)
         scalars += [beta, alpha / (batch.num_examples * batch.draws)]
+        self._projected = None
+        if self.rows is batch:  # the direction reuses this job's projections
+            self._projected = torch.empty_like(self.scaling)
         return ScalingJob(self.scaling, batch.g, batch.a, self.q_out, self.q_in, at, self.shape.bias,
-                          self.shape.one_hot, self.scaling_mode == "per_position", batch.draws)
+                          self.shape.one_hot, self.scaling_mode == "per_position", batch.draws, self._projected)
 
     # -- gradient accumulation (ARCHITECTURE.md, "Gradient accumulation") ------------------------
     @property
@@ -401,8 +447,14 @@ class EigenbasisCurvature(Curvature):
             alpha_n = alpha * num_examples
         at = len(scalars)
         scalars += [damping, beta, alpha_n]
+        projected, rows = self._projected, None
+        if projected is None and self.rows is not None:
+            rows = (self.rows.g[:, 0], self.rows.a[:, 0])
+        self.last_projection = "rows" if projected is not None or rows is not None else "gradient"
+        self.rows = self._projected = None  # one step's
         return EigenbasisDirection(grad, self.q_out, self.q_in, self.scaling, at, self.estimates_from_batch,
-                                   bool(getattr(self.options, "effective_damping", False)), self.shape.one_hot)
+                                   bool(getattr(self.options, "effective_damping", False)), self.shape.one_hot,
+                                   projected, rows, self.shape.bias)
 
     # -- serialisation --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

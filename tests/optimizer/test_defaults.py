@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.defaults import ResNet, ViT, conv1d_to_linear, train_model
+from bench.defaults import ResNet, train_model
+from bench.zoo import ViTLike
 from bench.experiments import autoencoder, reconstruction_loss
 from ekfac_triton import EKFAC
 from tests.helpers import assert_allclose, assert_bitwise_equal
@@ -35,7 +36,7 @@ def _small_task(name: str):
         # low-rank images, mostly dark with near-binary pixels as MNIST's
         images = torch.sigmoid(4 * torch.randn(32, 4, generator=g) @ torch.randn(4, 64, generator=g) - 4)
         return model, lambda m: reconstruction_loss(m(images), images)
-    model = ResNet(width=4, blocks=1) if name == "resnet" else ViT(image=16, patch=4, dim=32, depth=1, heads=2)
+    model = ResNet(width=4, blocks=1) if name == "resnet" else ViTLike(image=16, patch=4, dim=32, depth=1, heads=2)
     images = torch.randn(16, 3, 16, 16, generator=g)
     labels = torch.randint(0, 10, (16,), generator=g)
     return model, lambda m: F.cross_entropy(m(images), labels)
@@ -64,30 +65,15 @@ def test_old_defaults_diverge_on_the_small_vit():
 @pytest.mark.parametrize("curvature", ["ekfac", "kfac"])
 @pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
 def test_defaults_train_tiny_transformers(name, curvature):
-    """transformers' GPT-2 (its Conv1D as nn.Linear), BERT and Llama, tiny configs without weights."""
-    tf = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    vocab, seq = 256, 16
-    tokens = torch.randint(0, vocab, (8, seq), generator=g)
-    if name == "bert":
-        config = tf.BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=128, max_position_embeddings=seq, num_labels=2)
-        net = tf.BertForSequenceClassification(config)
-        labels = torch.randint(0, 2, (8,), generator=g)
-        loss_of = lambda m: F.cross_entropy(m(input_ids=tokens).logits, labels)  # noqa: E731
-    else:
-        if name == "gpt2":
-            config = tf.GPT2Config(vocab_size=vocab, n_positions=seq, n_embd=64, n_layer=1, n_head=2,
-                                   bos_token_id=0, eos_token_id=0)
-            net = conv1d_to_linear(tf.GPT2LMHeadModel(config))
-        else:
-            config = tf.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=seq)
-            net = tf.LlamaForCausalLM(config)
-        loss_of = lambda m: F.cross_entropy(m(input_ids=tokens).logits[:, :-1].reshape(-1, vocab),  # noqa: E731
-                                            tokens[:, 1:].reshape(-1))
-    r = train_model(net, loss_of, curvature, steps=40)
+    """transformers' GPT-2 (its Conv1D layers by their adapter, the tied head by the head's
+    factors), BERT and Llama, tiny configs without weights (tests/models/zoo.py)."""
+    pytest.importorskip("transformers")
+    from tests.models import zoo
+
+    net = {"gpt2": zoo.tiny_gpt2, "bert": zoo.tiny_bert, "llama": zoo.tiny_llama}[name](0)
+    loss = zoo.mlm_loss if name == "bert" else zoo.lm_loss
+    tokens = zoo.token_batch(1, batch=8, length=16)
+    r = train_model(net, lambda m: loss(m, tokens), curvature, steps=40)
     assert r["error"] is None and r["skipped"] == 0, r
     assert r["last"] <= 0.9 * r["first"], f"{name}/{curvature}: loss {r['first']:.4g} -> {r['last']:.4g}"
 

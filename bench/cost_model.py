@@ -8,14 +8,15 @@ its floor.
 
 Parts (per step, summed over the preconditioned layers; a layer is ``d_out × d̄_in`` with
 ``d̄_in = d_in + 1`` with a bias, seen by ``N`` examples of ``R`` positions each, ``T = N·R`` rows;
-the form modelled is today's reference path of ``ekfac_triton.kernels`` on CPU):
+the form modelled is the reference path of ``ekfac_triton.kernels`` on CPU, with each layer's
+projection in the form its last step used, ``EigenbasisCurvature.last_projection``):
 
 | part (profiler range) | floor |
 |---|---|
 | forward + backward (the bench's own ranges) | ``6·T·d_in·d_out`` flops per layer (forward, input- and weight-gradient products) |
 | ``factors``: the factor EMAs | ``2·T·(d̄_in² + d_out²)`` flops (``X̄ᵀX̄`` as a GEMM) + read/write of A and G |
 | ``scalings``: EKFAC's per-example S | projections ``2·T·(d_out² + d̄_in²)`` + ``2·N·d_out·d̄_in`` (R = 1: ``(Q_outᵀĝ)²ᵀ(Q_inᵀā)²``) or ``2·T·d_out·d̄_in`` (R > 1: per-example gradients) flops, + read/write of S |
-| ``direction``: ``Q_out[(Q_outᵀ∇W̄Q_in)/(S+λ)]Q_inᵀ`` | projection ``2·d_out·d̄_in·(d̄_in + d_out)`` + back-projection the same, flops; the division reads P and S and writes P |
+| ``direction``: ``Q_out[(Q_outᵀ∇W̄Q_in)/(S+λ)]Q_inᵀ`` | projection ``2·d_out·d̄_in·(d̄_in + d_out)`` from the gradient, or ``2·N·d_out·d̄_in`` from the rows (``(ĜQ_out)ᵀ(ĀQ_in)/N``, plus ``2·N·(d_out² + d̄_in²)`` for the row projections when no per-example scaling made them), + back-projection ``2·d_out·d̄_in·(d̄_in + d_out)``, flops; the division reads P and S and writes P |
 | ``refresh``: eigendecompositions | ``4·d³`` flops per factor (Householder tridiagonalisation + back-transformation), amortised over ``eigen_every`` |
 | ``check`` / ``finite_check``: the non-finite checks | read every tensor checked once |
 | ``update``: momentum and the parameter step | read p, direction, buffer; write p, buffer |
@@ -120,12 +121,15 @@ def layer_dims(model: nn.Module, inputs: torch.Tensor) -> list[LayerDims]:
 
 # -- the floors ----------------------------------------------------------------------------------------
 def part_floors(layer: LayerDims, eigen_every: int | None, itemsize: int = 4,
-                scalings: bool = True) -> dict[str, dict[str, float]]:
+                scalings: bool = True, form: str | None = None) -> dict[str, dict[str, float]]:
     """The floor of each part of the step for one layer: ``{part: {"flops": ..., "bytes": ...}}``
     (module docstring; ``eigen_every`` None: no refresh part; ``scalings`` False: no estimated
-    S, as K-FAC)."""
+    S, as K-FAC; ``form``: ``"rows"`` when the projection was formed from the captured rows,
+    else from the gradient matrix)."""
     o, i, t, n = layer.d_out, layer.d_in_bar, layer.rows, layer.examples
     w = o * i
+    back = 2.0 * w * (i + o)
+    projection = (2.0 * n * w + (0.0 if scalings else 2.0 * n * (o * o + i * i))) if form == "rows" else back
     scaling_product = 2 * n * w if layer.positions == 1 else 2 * t * w
     out = {
         "forward+backward": dict(flops=6.0 * t * layer.d_in * o, bytes=0.0),
@@ -133,7 +137,7 @@ def part_floors(layer: LayerDims, eigen_every: int | None, itemsize: int = 4,
         "collect": dict(flops=0.0, bytes=float(t * layer.d_in * itemsize) if layer.conv else 0.0),
         "factors": dict(flops=2.0 * t * (i * i + o * o), bytes=3.0 * (i * i + o * o) * itemsize),
         "scalings": dict(flops=2.0 * t * (o * o + i * i) + scaling_product, bytes=3.0 * w * itemsize),
-        "direction": dict(flops=2 * (2.0 * w * (i + o)), bytes=3.0 * w * itemsize),
+        "direction": dict(flops=projection + back, bytes=3.0 * w * itemsize),
         "check": dict(flops=0.0, bytes=(w + t * (layer.d_in + o)) * itemsize),
         "finite_check": dict(flops=0.0, bytes=(w + i * i + o * o + w) * itemsize),
         "update": dict(flops=0.0, bytes=5.0 * w * itemsize),
@@ -146,11 +150,12 @@ def part_floors(layer: LayerDims, eigen_every: int | None, itemsize: int = 4,
 
 
 def floors(layers: Sequence[LayerDims], eigen_every: int | None, itemsize: int = 4,
-           scalings: bool = True) -> dict[str, dict[str, float]]:
-    """:func:`part_floors` summed over ``layers``."""
+           scalings: bool = True, forms: dict[str, str | None] | None = None) -> dict[str, dict[str, float]]:
+    """:func:`part_floors` summed over ``layers`` (``forms``: each layer's projection form, by name)."""
     total: dict[str, dict[str, float]] = {}
     for layer in layers:
-        for part, f in part_floors(layer, eigen_every, itemsize, scalings).items():
+        form = (forms or {}).get(layer.name)
+        for part, f in part_floors(layer, eigen_every, itemsize, scalings, form).items():
             acc = total.setdefault(part, dict(flops=0.0, bytes=0.0))
             acc["flops"] += f["flops"]
             acc["bytes"] += f["bytes"]
@@ -256,6 +261,8 @@ def measure_parts(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.
         finally:
             maths.PROFILE_RANGES = False
         ranges = _range_times(prof.events())
+        forms = ({layer.name: getattr(layer.curvature, "last_projection", None) for layer in opt.preconditioner.layers}
+                 if isinstance(opt, EKFAC) else {})
         with torch.no_grad():
             x, y = batches[0]
             final_loss = float(loss_fn(model(x), y))
@@ -267,7 +274,7 @@ def measure_parts(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.
     parts = {k: dict(ms=v["total_us"] / 1e3 / steps, gemm_ms=v["gemm_us"] / 1e3 / steps,
                      calls_per_step=v["count"] / steps) for k, v in ranges.items()}
     return dict(step_ms=statistics.fmean(plain), step_median_ms=statistics.median(plain),
-                profiled_step_ms=profiled_ms, parts=parts, final_loss=final_loss)
+                profiled_step_ms=profiled_ms, parts=parts, final_loss=final_loss, forms=forms)
 
 
 # -- one configuration's table -------------------------------------------------------------------------
@@ -282,7 +289,7 @@ def rows_for(model_name: str, cfg: Config, dims: Sequence[LayerDims], measured: 
     """One row per part of ``cfg``'s step: floor (flops, bytes, ms), measured ms (GEMM / other)."""
     curvature = cfg.kind in ("ekfac", "kfac", "tekfac")
     eigen_every = cfg.hparams.get("eigen_every") if curvature else None
-    fl = floors(dims, eigen_every, scalings=cfg.kind != "kfac")
+    fl = floors(dims, eigen_every, scalings=cfg.kind != "kfac", forms=measured.get("forms"))
     if not curvature:  # the torch optimizers: one elementwise pass over the parameters
         passes = 5.0 if cfg.kind == "sgd" else 7.0  # SGD+momentum: p, g, m in; p, m out. AdamW: + v in/out
         fl = {"forward+backward": fl["forward+backward"], "optimizer": dict(flops=0.0, bytes=passes * 4 * n_params)}
@@ -327,18 +334,21 @@ def markdown(rows: list[dict[str, Any]], runs: list[dict[str, Any]], env: dict[s
              f"{env['torch']}, {env['date']}.", f"Command: `{env['command']}`",
              f"Machine reference (same run): fp32 GEMM {rates.gemm_flops_per_s / 1e9:.1f} GFLOP/s (1024³), copy "
              f"{rates.copy_bytes_per_s / 1e9:.2f} GB/s (64 MB, read + write).",
-             "Floors: today's reference form on CPU (the module docstring of `bench/cost_model.py`); "
+             "Floors: the reference form on CPU, each layer's projection as its last step formed it (the module "
+             "docstring of `bench/cost_model.py`; 'rows' below: layers whose projection came from the rows); "
              "'× floor' = measured / floor time; GEMM / other = the range's matrix-product time against the flop "
              "floor, the rest against the byte floor. Data: synthetic (timing only).", ""]
     for m, d in descs.items():
         lines.append(f"- `{m}`: {d}; layers (d_out × d̄_in, N×R): "
                      + ", ".join(f"{l.d_out}×{l.d_in_bar} ({l.examples}×{l.positions})" for l in dims[m]))
-    lines += ["", "| model | config | step ms | step ms profiled | mean/SGD |", "|---|---|---:|---:|---:|"]
+    lines += ["", "| model | config | step ms | step ms profiled | mean/SGD | rows |", "|---|---|---:|---:|---:|---:|"]
     sgd = {r["model"]: r["step_ms"] for r in runs if r["config"] == "sgd"}
     for r in runs:
         ratio = r["step_ms"] / sgd[r["model"]] if r["model"] in sgd else None
+        forms = r.get("forms") or {}
+        rows_used = f"{sum(f == 'rows' for f in forms.values())}/{len(forms)}" if forms else "–"
         lines.append(f"| {r['model']} | {r['config']} | {r['step_ms']:.2f} | {r['profiled_step_ms']:.2f} | "
-                     f"{_f(ratio, '.2f')} |")
+                     f"{_f(ratio, '.2f')} | {rows_used} |")
     lines += ["", "| model | config | part | floor GFLOP | floor MB | floor ms | measured ms | × floor | GEMM ms | "
               "GEMM × flop floor | other ms | other × byte floor |", "|---|---|---|" + "---:|" * 9]
     for r in rows:

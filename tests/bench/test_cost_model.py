@@ -31,6 +31,13 @@ def test_floors_by_hand_linear_one_position() -> None:
     assert f["update"]["bytes"] == 5 * 15 * 4
     assert f["refresh"]["flops"] == pytest.approx(4 * (5 ** 3 + 3 ** 3) / 10)  # 60.8
     assert f["collect"]["bytes"] == 0
+    # the projection from the rows, (ĜQ_out)ᵀ(ĀQ_in)/N: 2·N·d_out·d̄_in, its row projections made by the scalings
+    layer = LayerDims("l", d_out=3, d_in=4, bias=True, examples=5, positions=1)
+    rows = part_floors(layer, eigen_every=10, form="rows")
+    assert rows["direction"]["flops"] == 2 * 5 * 3 * 5 + 2 * 3 * 5 * (5 + 3)   # 150 + 240
+    # K-FAC (no per-example scaling) forms the row projections itself: + 2·N·(d_out² + d̄_in²)
+    kfac = part_floors(layer, eigen_every=10, scalings=False, form="rows")
+    assert kfac["direction"]["flops"] == 2 * 5 * 3 * 5 + 2 * 5 * (9 + 25) + 2 * 3 * 5 * (5 + 3)
 
 
 def test_floors_by_hand_positions_conv_and_sum() -> None:

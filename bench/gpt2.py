@@ -73,7 +73,7 @@ OPTIMIZERS = ("ekfac", "adamw", "muon")
 # settings of bench.experiments (damping 1e-3, eigenbases every 10 steps, KL clip 1e-3). No weight
 # decay anywhere (a one-minute run).
 HPARAMS: dict[str, dict[str, Any]] = {
-    "ekfac": dict(lr=0.03, damping=1e-3, momentum=0.9, weight_decay=0.0, factor_decay=0.95, factor_every=1,
+    "ekfac": dict(lr=0.1, damping=1e-2, momentum=0.9, weight_decay=0.0, factor_decay=0.95, factor_every=1,
                   eigen_every=10, kl_clip=1e-3),
     "adamw": dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0),
     # one lr for both halves: match_rms_adamw gives Muon's updates AdamW's RMS

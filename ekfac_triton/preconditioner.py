@@ -193,6 +193,7 @@ class Preconditioner(StepEngine):
                 layer.witness.remove()
                 layer.witness = None
         self.unwatch_backward()
+        self.hooks_removed = True
         self.eigen.shutdown()
 
     # -- the backward ---------------------------------------------------------------------------

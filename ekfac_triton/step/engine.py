@@ -75,6 +75,8 @@ class Accumulation:
     kept: list[tuple[Tensor, Tensor | None, Any, tuple[int, int | None]]] = field(default_factory=list)
     basis: Any = None
     num_examples: int = 0
+    #: whether the micro-batches were folded without knowing a loss scale (no ``grad_scaler=``)
+    folded_unscaled: bool = False
 
     def tensors(self) -> list[Tensor]:
         """What the step's non-finite check reads."""
@@ -116,6 +118,8 @@ class StepEngine:
     device: torch.device
     #: the generator of the row form's probe vectors (created at first use, seed 0)
     _rows_generator: torch.Generator | None = None
+    #: set by ``remove_hooks()``: no hook is registered on the model again
+    hooks_removed: bool = False
 
     def _init_counts(self) -> None:
         self.steps = 0
@@ -192,7 +196,8 @@ class StepEngine:
         empirical = self.config.fisher.fisher == "empirical"
         rows = self.config.statistics.projected_gradient != "gradient"
         for layer in self.layers:
-            if rows and layer.witness is None and isinstance(layer.curvature, EigenbasisCurvature):
+            if (rows and layer.witness is None and not self.hooks_removed
+                    and isinstance(layer.curvature, EigenbasisCurvature)):
                 layer.witness = GradientWitness(layer.adapter.params)
             if layer.witness is not None:
                 layer.witness.reset()
@@ -363,8 +368,10 @@ class StepEngine:
         reached since the last step; the others (a layer used on some steps only, whose gradient is
         zeros or None) keep their statistics as they are. A layer whose weight received a gradient
         from a backward that its capture did not see raises."""
+        owners = set(getattr(self, "tied", {}).values())  # a tied weight's gradient may come from its other use
         for layer in grads:
-            if not layer.capture.arrivals and id(layer.adapter.weight) in self._accumulated:
+            if (not layer.capture.arrivals and id(layer.adapter.weight) in self._accumulated
+                    and layer.name not in owners):
                 raise RuntimeError(
                     f"ekfac_triton: layer {layer.name!r} received a gradient in a backward that its capture hook "
                     "did not see: the hook is not in the code that ran (e.g. a function compiled with "
@@ -510,6 +517,9 @@ class StepEngine:
                 and not self.execution.compiled
                 and (scaler is None or not scaler.is_enabled())
                 and isinstance(layer.curvature, EigenbasisCurvature) and layer.curvature.has_basis
+                # the probe's tolerance is N·eps of the gradient's dtype: in half precision it would
+                # accept contributions the row form drops, so half-precision weights keep the gradient form
+                and layer.adapter.weight.dtype in (torch.float32, torch.float64)
                 and batch.draws == 1 and batch.g is not None and batch.a.is_floating_point()
                 and batch.a.dim() == 3 and batch.a.shape[1] == 1 and batch.g.shape[1] == 1
                 and layer.capture.completed == 1 and layer.capture.micro_batches == 1
@@ -562,6 +572,13 @@ class StepEngine:
                                    f"only, not with fisher={self.config.fisher.fisher!r}: call step() after each "
                                    "opt.backward(output, target), or use fisher='empirical'")
             if layer.accumulation is not None:
+                if unscale is not None and layer.accumulation.folded_unscaled:
+                    # scaler.step(opt) without grad_scaler=: the scale was unknown while the backward
+                    # passes folded their loss-scaled output-gradients into the sums
+                    raise RuntimeError(f"ekfac_triton: layer {layer.name!r} accumulated several backward passes "
+                                       "under a GradScaler that was not passed as grad_scaler=: the micro-batches "
+                                       "were folded at the loss scale, which the optimizer learns only at the step. "
+                                       "Pass grad_scaler=scaler to the optimizer to accumulate with a GradScaler")
                 self._check_kept(layer)
                 layer.accumulation.num_examples = cap.examples
                 batches[layer] = layer.accumulation
@@ -622,6 +639,7 @@ class StepEngine:
             acc = layer.accumulation = Accumulation()
         n = layer.adapter.num_examples(inputs.shape)
         unscale = self._capture_unscale()
+        acc.folded_unscaled |= unscale is None
         grad_output = None if curv.inputs_only else grad_output
         if unscale is not None and grad_output is not None:
             grad_output = grad_output.to(torch.promote_types(grad_output.dtype, torch.float32)) * unscale

@@ -32,7 +32,8 @@ each can and cannot see:
 Everything else is decided from the configuration, exactly: the empirical Fisher only (mc and
 type-2 output-gradients are not the loss's), a single process (data-parallel gradients are
 averaged over the ranks, the rows are the rank's own), the eager step, one captured micro-batch,
-one position per example, dense inputs. When any check fails the step uses the gradient form:
+one position per example, dense inputs, float32/float64 weights (in half precision the probe's
+tolerance would exceed what it must detect). When any check fails the step uses the gradient form:
 the same direction up to rounding, only slower.
 """
 

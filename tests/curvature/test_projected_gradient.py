@@ -264,3 +264,17 @@ def test_factored_damping_compiled_step_equals_eager_rows():
         for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
             assert_rel_close(p, q, 1e-10, f"compiled step {k} {name}")
         assert _forms(opt) == ["gradient", "gradient"] and _forms(ref) == ["rows", "rows"]
+
+
+def test_half_precision_weights_keep_the_gradient_form():
+    """The probe's tolerance is N·eps of the gradient's dtype, which in bfloat16 exceeds what it must
+    detect (here an L2 penalty in the loss): half-precision layers never take the row form."""
+    torch.manual_seed(0)
+    model = make_mlp((12, 16, 4), dtype=torch.bfloat16)
+    opt = EKFAC(model, lr=0.01, projected_gradient="rows")
+    for _ in range(2):
+        x, y = torch.randn(64, 12, dtype=torch.bfloat16), torch.randn(64, 4, dtype=torch.bfloat16)
+        (half_mse(model(x), y) + 0.05 * model[0].weight.square().sum()).backward()
+        opt.step()
+        opt.zero_grad()
+    assert [layer.curvature.last_projection for layer in opt.preconditioner.layers] == ["gradient", "gradient"]

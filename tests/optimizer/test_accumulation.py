@@ -390,3 +390,24 @@ def test_asynchronous_refresh_in_flight_keeps_the_micro_batches():
     assert [k > 0 for k in kept] == [True, False, False, True, False], kept
     for p, q in zip(got, ref):
         assert_rel_close(p, q, 1e-10, "asynchronous refreshes")
+
+
+def test_scaler_step_without_grad_scaler_refuses_accumulation():
+    """Under ``scaler.step(opt)`` without ``grad_scaler=`` the loss scale is known only at the step,
+    after the backward passes folded their scaled output-gradients: refused, naming the fix (an
+    unrefused step would make G and S scale² too large); with ``grad_scaler=`` it is the big batch."""
+    def run(pass_scaler: bool, micro: int):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        opt = EKFAC(model, lr=0.1, kl_clip=None, **({"grad_scaler": scaler} if pass_scaler else {}))
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)
+        for xs, ys in zip(x.chunk(micro), y.chunk(micro)):
+            scaler.scale(nn.functional.cross_entropy(model(xs), ys) * (len(xs) / 8)).backward()
+        scaler.step(opt)
+        return model
+    with pytest.raises(RuntimeError, match="grad_scaler=scaler"):
+        run(False, 2)
+    for p, q in zip(run(True, 2).parameters(), run(True, 1).parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -294,3 +294,48 @@ def test_preconditioner_step_without_backward_returns_false():
     for p, g in zip(model.parameters(), grads):
         assert_bitwise_equal(p.grad, g, "gradients left untouched")
     assert pre.steps == 1
+
+
+def test_tied_head_reached_only_through_the_embedding_keeps_its_statistics():
+    """A step whose loss uses the embedding but not the tied head: the head (the shared weight's
+    owner) gets a gradient without a capture; that is the other use, not a missed hook."""
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.mid, self.head = nn.Embedding(16, 8), nn.Linear(8, 8), nn.Linear(8, 16, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x: Tensor, use_head: bool = True) -> Tensor:
+            h = torch.tanh(self.mid(self.emb(x)))
+            return self.head(h) if use_head else h
+
+    torch.manual_seed(0)
+    model = Tied()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = EKFAC(model, lr=0.05)
+    assert opt.preconditioner.tied == {"emb": "head"}
+    x, y = torch.randint(0, 16, (6,)), torch.randint(0, 16, (6,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    head = next(layer for layer in opt.preconditioner.layers if layer.name == "head")
+    factors = [t.clone() for t in (head.curvature.in_factor, head.curvature.out_factor)]
+    model(x, use_head=False).square().mean().backward()
+    opt.step()
+    assert_bitwise_equal(head.curvature.in_factor, factors[0], "head's A")
+    assert_bitwise_equal(head.curvature.out_factor, factors[1], "head's G")
+
+
+def test_remove_hooks_stays_removed_after_load_state_dict():
+    model = make_mlp((4, 4, 2))
+    opt = EKFAC(model, lr=0.1)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    half_mse(model(x), y).backward()
+    opt.step()
+    state = opt.state_dict()
+    opt.remove_hooks()
+    opt.load_state_dict(state)
+    opt.zero_grad()
+    assert all(not getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())
+    assert all(not m._forward_hooks for m in model.modules())

@@ -184,8 +184,9 @@ class StepEngine:
         if self._accumulated or any(layer.capture.arrivals for layer in self.layers):
             return False
         warnings.warn("ekfac_triton: step() was called without a backward since the last step (no gradient "
-                      "reached the model's parameters, or remove_hooks() removed the hooks that see it); nothing was changed: no statistics, no update, and the "
-                      "step is not counted. Call loss.backward() before each step()", UserWarning, stacklevel=stacklevel)
+                      "reached the model's parameters, or remove_hooks() removed the hooks that see it); nothing "
+                      "was changed: no statistics, no update, and the step is not counted. Call loss.backward() "
+                      "before each step()", UserWarning, stacklevel=stacklevel)
         return True
 
     def _arm_capture(self) -> None:

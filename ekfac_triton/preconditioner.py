@@ -189,11 +189,7 @@ class Preconditioner(StepEngine):
         worker thread, if any)."""
         for layer in self.layers:
             layer.capture.remove()
-            if layer.witness is not None:
-                layer.witness.remove()
-                layer.witness = None
         self.unwatch_backward()
-        self.hooks_removed = True
         self.eigen.shutdown()
 
     # -- the backward ---------------------------------------------------------------------------

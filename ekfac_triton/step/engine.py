@@ -57,8 +57,6 @@ class PreconditionedLayer:
     warned: bool = field(default=False)
     #: gradient accumulation: what this step's micro-batches folded so far (None: at most one)
     accumulation: Accumulation | None = field(default=None)
-    #: the guard of the projected gradient's row form (:mod:`ekfac_triton.step.rows`)
-    witness: GradientWitness | None = field(default=None)
 
 
 @dataclass(eq=False)
@@ -118,8 +116,6 @@ class StepEngine:
     device: torch.device
     #: the generator of the row form's probe vectors (created at first use, seed 0)
     _rows_generator: torch.Generator | None = None
-    #: set by ``remove_hooks()``: no hook is registered on the model again
-    hooks_removed: bool = False
 
     def _init_counts(self) -> None:
         self.steps = 0
@@ -127,11 +123,11 @@ class StepEngine:
         self._host_skips_in_a_row = 0  # non-finite skips since the last committed step (max_skipped_steps)
         self._curvature_passes = 0
         self.execution = Eager()
-        #: ids of the watched parameters a backward accumulated a gradient into since the last step
-        self._accumulated: set[int] = set()
+        #: the watched parameters' gradients since the last step: which a backward reached (a step
+        #: without a backward, a capture that missed one) and whether each is untouched (the row form)
+        self._witness = GradientWitness()
         #: the loss scale of a step driven by a GradScaler that is not the configured grad_scaler
         self.driving_scale: float | None = None
-        self._backward_handles: list[Any] = []
         #: (name, weight) of the layers left out at construction because frozen (warned if unfrozen)
         self.frozen: list[tuple[str, Tensor]] = []
 
@@ -160,28 +156,20 @@ class StepEngine:
 
     def watch_backward(self, params: Sequence[Tensor]) -> None:
         """Note, for :meth:`backward_missing` and the capture check of :meth:`_collect`, each
-        backward that accumulates a gradient into one of ``params`` (a post-accumulate-grad hook;
-        removed by :meth:`unwatch_backward`)."""
-        seen = self._accumulated  # the hook holds the set, not the engine: no reference cycle
-
-        def mark(p: Tensor) -> None:
-            seen.add(id(p))
-
-        for p in params:
-            if p.requires_grad:
-                self._backward_handles.append(p.register_post_accumulate_grad_hook(mark))
+        backward that accumulates a gradient into one of ``params``, and its gradient tensor for the
+        row form's guard (:class:`~ekfac_triton.step.rows.GradientWitness`; removed by
+        :meth:`unwatch_backward`)."""
+        self._witness.watch(params)
 
     def unwatch_backward(self) -> None:
-        for handle in self._backward_handles:
-            handle.remove()
-        self._backward_handles = []
+        self._witness.remove()
 
     def backward_missing(self, stacklevel: int = 3) -> bool:
         """True, with a warning, when no backward reached a preconditioned layer or a watched
         parameter since the last step: the caller then changes nothing (no statistics, no
         update, the step is not counted); stale gradients would otherwise be applied again and
         counted as a step. ``stacklevel``: of the warning, so that it names the caller's line."""
-        if self._accumulated or any(layer.capture.arrivals for layer in self.layers):
+        if self._witness.reached() or any(layer.capture.arrivals for layer in self.layers):
             return False
         warnings.warn("ekfac_triton: step() was called without a backward since the last step (no gradient "
                       "reached the model's parameters, or remove_hooks() removed the hooks that see it); nothing "
@@ -193,15 +181,9 @@ class StepEngine:
         """Capture inputs and output-gradients only before steps that update statistics."""
         enabled = self.statistics_due
         self._curvature_passes = 0
-        self._accumulated.clear()
+        self._witness.reset()
         empirical = self.config.fisher.fisher == "empirical"
-        rows = self.config.statistics.projected_gradient != "gradient"
         for layer in self.layers:
-            if (rows and layer.witness is None and not self.hooks_removed
-                    and isinstance(layer.curvature, EigenbasisCurvature)):
-                layer.witness = GradientWitness(layer.adapter.params)
-            if layer.witness is not None:
-                layer.witness.reset()
             layer.capture.clear()
             layer.accumulation = None
             if layer.capture.fold is None:
@@ -371,7 +353,7 @@ class StepEngine:
         from a backward that its capture did not see raises."""
         owners = set(getattr(self, "tied", {}).values())  # a tied weight's gradient may come from its other use
         for layer in grads:
-            if (not layer.capture.arrivals and id(layer.adapter.weight) in self._accumulated
+            if (not layer.capture.arrivals and self._witness.reached(layer.adapter.weight)
                     and layer.name not in owners):
                 raise RuntimeError(
                     f"ekfac_triton: layer {layer.name!r} received a gradient in a backward that its capture hook "
@@ -524,7 +506,7 @@ class StepEngine:
                 and batch.draws == 1 and batch.g is not None and batch.a.is_floating_point()
                 and batch.a.dim() == 3 and batch.a.shape[1] == 1 and batch.g.shape[1] == 1
                 and layer.capture.completed == 1 and layer.capture.micro_batches == 1
-                and layer.witness is not None and layer.witness.untouched())
+                and self._witness.untouched(layer.adapter.params))
 
     def _install(self, tx: Transaction, layer: PreconditionedLayer, result: Decomposition) -> None:
         tx.before_update(layer.curvature.installs_in_place())

@@ -52,31 +52,53 @@ PROJECTED_GRADIENT = ("auto", "gradient", "rows")
 
 
 class GradientWitness:
-    """Watches the gradients of one layer's parameters (see the module docstring).
+    """Watches the gradients of parameters (see the module docstring): for each, the ``.grad``
+    tensor and its version right after autograd last accumulated into it, and how often that
+    happened since :meth:`reset`. The engine keeps one over every parameter it holds; it also
+    tells which parameters a backward reached (a step without a backward, a layer whose gradient
+    arrived without its capture).
 
     Args:
-        params: the layer's parameters (weight, then bias if any).
+        params: parameters to watch now (more with :meth:`watch`).
     """
 
-    def __init__(self, params: Sequence[nn.Parameter]) -> None:
-        self.params = list(params)
-        self._seen: list[tuple[weakref.ref, int, int] | None] = [None] * len(self.params)
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
+    def __init__(self, params: Sequence[nn.Parameter] = ()) -> None:
+        self._seen: dict[int, tuple[weakref.ref, int, int]] = {}
+        self._params: list[nn.Parameter] = []
+        self._handles: list = []
+        self.watch(params)
 
-    def _hook(self, i: int):
+    def watch(self, params: Sequence[nn.Parameter]) -> None:
+        """Watch ``params`` too (those that require a gradient)."""
+        seen = self._seen  # the hooks hold the record, not the witness: no reference cycle
+
         def record(p: Tensor) -> None:
-            count = 1 if self._seen[i] is None else self._seen[i][2] + 1
-            self._seen[i] = (weakref.ref(p.grad), p.grad._version, count)
-        return record
+            prior = seen.get(id(p))
+            seen[id(p)] = (weakref.ref(p.grad), p.grad._version, 1 if prior is None else prior[2] + 1)
+
+        for p in params:
+            if p.requires_grad:
+                self._params.append(p)
+                self._handles.append(p.register_post_accumulate_grad_hook(record))
 
     def reset(self) -> None:
         """Forget what was seen (at each step boundary)."""
-        self._seen = [None] * len(self.params)
+        self._seen.clear()
 
-    def untouched(self) -> bool:
-        """Whether each parameter's ``.grad`` is the tensor autograd accumulated into exactly once
-        since :meth:`reset`, unchanged in place since."""
-        for p, seen in zip(self.params, self._seen):
+    def reached(self, p: Tensor | None = None) -> bool:
+        """Whether a backward accumulated into ``p`` (None: into any watched parameter) since
+        :meth:`reset`."""
+        return bool(self._seen) if p is None else id(p) in self._seen
+
+    def untouched(self, params: Sequence[Tensor] | None = None) -> bool:
+        """Whether each of ``params`` (None: the watched ones) has as ``.grad`` the tensor autograd
+        accumulated into exactly once since :meth:`reset`, unchanged in place since (False for no
+        parameter: nothing was witnessed)."""
+        params = self._params if params is None else list(params)
+        if not params:
+            return False
+        for p in params:
+            seen = self._seen.get(id(p))
             if seen is None or p.grad is None:
                 return False
             ref, version, count = seen
@@ -85,10 +107,11 @@ class GradientWitness:
         return True
 
     def remove(self) -> None:
-        """Remove the hooks."""
+        """Remove the hooks (it sees nothing from then on)."""
         for handle in self._handles:
             handle.remove()
-        self._handles = []
+        self._handles, self._params = [], []
+        self._seen.clear()
 
 
 def rows_match(grad: Tensor, batch: LayerBatch, bias: bool, generator: torch.Generator) -> Tensor:

@@ -570,10 +570,7 @@ class StepEngine:
                 batches[layer] = self._curvature_batch(layer)
                 continue
             cap.check_unchanged(layer.name)
-            grad_output = None if layer.curvature.inputs_only else cap.grad_output
-            if unscale is not None and grad_output is not None:
-                # in float32 at least: fp16 would overflow (times N) or underflow
-                grad_output = grad_output.to(torch.promote_types(grad_output.dtype, torch.float32)) * unscale
+            grad_output = None if layer.curvature.inputs_only else _unscaled(cap.grad_output, unscale)
             batches[layer] = layer.adapter.batch(cap.inputs, grad_output, cap.record)
         return batches
 
@@ -623,10 +620,8 @@ class StepEngine:
         n = layer.adapter.num_examples(inputs.shape)
         unscale = self._capture_unscale()
         acc.folded_unscaled |= unscale is None
-        grad_output = None if curv.inputs_only else grad_output
-        if unscale is not None and grad_output is not None:
-            grad_output = grad_output.to(torch.promote_types(grad_output.dtype, torch.float32)) * unscale
-            copy = False  # already a new tensor
+        fresh = unscale is not None and grad_output is not None  # the unscaled copy is a new tensor
+        grad_output = None if curv.inputs_only else _unscaled(grad_output, unscale)
         project = curv.projects_examples
         keep = project and self._basis_may_change(layer)
         with torch.autocast(self.device.type, enabled=False):
@@ -635,9 +630,9 @@ class StepEngine:
         if project and not keep:
             acc.basis = curv.basis_token()
         if keep:
-            if copy:
+            if copy:  # the compiled graph may reuse these buffers once the stash op returns
                 inputs = inputs.clone()
-                grad_output = None if grad_output is None else grad_output.clone()
+                grad_output = None if grad_output is None or fresh else grad_output.clone()
             versions = (inputs._version, None if grad_output is None else grad_output._version)
             acc.kept.append((inputs, grad_output, record, versions))
 
@@ -672,6 +667,14 @@ def _fold(engine: weakref.ref, layer: PreconditionedLayer, inputs: Tensor, grad_
     owner = engine()
     if owner is not None:
         owner.fold(layer, inputs, grad_output, record, copy)
+
+
+def _unscaled(grad_output: Tensor | None, unscale: float | None) -> Tensor | None:
+    """The captured output-gradient without the GradScaler's loss scale (``unscale`` = 1/scale;
+    None: no scale), in float32 at least: fp16 would overflow (times N) or underflow."""
+    if unscale is None or grad_output is None:
+        return grad_output
+    return grad_output.to(torch.promote_types(grad_output.dtype, torch.float32)) * unscale
 
 
 def _same_basis(a: Any, b: Any) -> bool:

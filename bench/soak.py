@@ -158,9 +158,9 @@ class Data:
 
 
 # -- state: snapshots, equality, finiteness --------------------------------------------------------
-def state_of(model: nn.Module, opt: EKFAC) -> dict[str, Tensor]:
-    """Every tensor and count of the model and optimizer (cloned), except ``skipped_steps`` (which
-    counts the faults, so a faulty run and its reference differ there by design)."""
+def flatten(obj: Any, path: str = "") -> dict[str, Tensor]:
+    """Every tensor and number (not bool) of a nested state (dicts, lists, tuples), cloned, as
+    ``path -> tensor``."""
     out: dict[str, Tensor] = {}
 
     def walk(obj: Any, path: str) -> None:
@@ -175,11 +175,16 @@ def state_of(model: nn.Module, opt: EKFAC) -> dict[str, Tensor]:
         elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
             out[path] = torch.tensor(obj)
 
-    walk(model.state_dict(), "model")
+    walk(obj, path)
+    return out
+
+
+def state_of(model: nn.Module, opt: EKFAC) -> dict[str, Tensor]:
+    """Every tensor and count of the model and optimizer (cloned), except ``skipped_steps`` (which
+    counts the faults, so a faulty run and its reference differ there by design)."""
     state = opt.state_dict()
     state["preconditioner"] = {k: v for k, v in state["preconditioner"].items() if k != "skipped_steps"}
-    walk(state, "optimizer")
-    return out
+    return {**flatten(model.state_dict(), "model"), **flatten(state, "optimizer")}
 
 
 def compare(a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from bench.soak import flatten
 from ekfac_triton import EKFAC, Preconditioner
 from ekfac_triton.distributed import assign_owners, average_gradients
 from tests.helpers import assert_bitwise_equal, half_mse, make_mlp, seeded_batch
@@ -68,21 +69,7 @@ def train(model: nn.Module, opt: EKFAC, kind: str, steps: range, part: slice | N
 
 def snapshot(opt: EKFAC) -> dict[str, Tensor]:
     """Every tensor and count of the optimizer's state, flattened to ``path -> tensor``."""
-    out: dict[str, Tensor] = {}
-
-    def walk(obj, path):
-        if isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(v, f"{path}/{k}")
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                walk(v, f"{path}/{i}")
-        elif isinstance(obj, Tensor):
-            out[path] = obj.detach().clone()
-        elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
-            out[path] = torch.tensor(obj)
-    walk(opt.state_dict(), "")
-    return out
+    return flatten(opt.state_dict())
 
 
 def distributed_model(kind: str, mode: str) -> tuple[nn.Module, nn.Module, dict]:

@@ -112,7 +112,9 @@ class StatisticsConfig:
         "``min(1, sqrt(kl_clip / |Σ lr²⟨v, g⟩|))`` (kfac-pytorch's semantics; Ba et al. 2017). ``\"auto\"``: the "
         "curvature's default, 1e-3 for ekfac, kfac and tekfac (measured in ARCHITECTURE.md, \"Default "
         "hyperparameters\": without it the lr 0.1 defaults diverged on transformers, ResNets and ViTs), None for "
-        "mac (its own recipe, and its fused update) and for a ``Preconditioner`` built without ``lr``.", "auto")
+        "mac (its own recipe, and its fused update), for a ``Preconditioner`` built without ``lr``, and for the "
+        "exact configuration of an optimizer (``momentum=0, weight_decay=0, factor_decay=0, eigen_every=1``: one "
+        "step is exactly ``-lr (F̂ + λI)⁻¹ ∇L``).", "auto")
     factor_dtype: torch.dtype | None = doc("dtype of the factors, ``torch.float32`` or ``torch.float64``; None: "
                                            "float64 for float64 layers, else float32. bf16/fp16 activations and "
                                            "output-gradients (autocast) are accumulated in it.")

@@ -5,15 +5,15 @@ gradient (ARCHITECTURE.md, "The update")."""
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
-
-import warnings
 
 import torch
 from torch import Tensor, nn
 
-from .config import argument_docs, check_bool, check_group, check_plain_update
+from .config import EigenConfig, StatisticsConfig, argument_docs, check_bool, check_group, check_plain_update
 from .curvature import CURVATURES, Curvature
 from .discovery import Coverage, coverage, discover
 from .distributed import unwrap_model
@@ -32,8 +32,9 @@ class EKFAC(torch.optim.Optimizer):
     ``Q_G [(Q_Gᵀ ∇W̄ Q_A) / (S + λ)] Q_Aᵀ``, scaled by the KL clip (the default trust region);
     then for every parameter ``u = d + weight_decay·p``, ``m = momentum·m + u``, ``p -= lr·m``
     (parameters without curvature: the same on their gradient, or AdamW with
-    ``plain_update="adamw"``). With ``momentum=0, weight_decay=0, factor_decay=0, eigen_every=1,
-    kl_clip=None`` a step changes the parameters by exactly ``-lr·(F̂ + λI)⁻¹ ∇L``.
+    ``plain_update="adamw"``). With ``momentum=0, weight_decay=0, factor_decay=0, eigen_every=1``
+    a step changes the parameters by exactly ``-lr·(F̂ + λI)⁻¹ ∇L`` (the default ``kl_clip="auto"``
+    is off in that configuration; an explicit ``kl_clip`` number still clips).
 
     The loss must be a mean over the batch's first dimension: the per-example statistics
     rescale autograd's gradients by N. Gradient accumulation (several ``backward()`` calls
@@ -120,6 +121,11 @@ class EKFAC(torch.optim.Optimizer):
         compile_args = compile_options(compile_step)
         self._model = unwrap_model(model)  # add_param_group finds the modules of new parameters in it
         super().__init__(list(model.parameters()) if params is None else params, defaults)
+        if options.get("kl_clip", "auto") == "auto" and _exact_configuration(momentum, weight_decay, options):
+            # the public contract: in this configuration one step is exactly -lr (F̂ + λI)⁻¹ ∇L, so
+            # the default trust region (which guards the EMA'd, stale and momentum-amplified steps
+            # of the other configurations) is off; an explicit kl_clip still applies
+            options = {**options, "kl_clip": None}
         self._preconditioner = Preconditioner(model, damping=damping, curvature=curvature, lr=lr,
                                               modules=self._modules_in_groups(model), process_group=process_group,
                                               **options)
@@ -481,3 +487,11 @@ class TEKFAC(EKFAC):
         if kwargs.setdefault("curvature", "tekfac") != "tekfac":
             raise ValueError(f"Invalid curvature={kwargs['curvature']!r}: TEKFAC is curvature='tekfac'")
         super().__init__(model, **kwargs)
+
+
+def _exact_configuration(momentum: float, weight_decay: float, options: dict[str, Any]) -> bool:
+    """Whether the step is the exact one of the public contract: ``momentum=0, weight_decay=0,
+    factor_decay=0, eigen_every=1`` (the last two given in ``options`` or by their defaults)."""
+    defaults = {f.name: f.default for cls in (StatisticsConfig, EigenConfig) for f in dataclasses.fields(cls)}
+    return (momentum == 0 and weight_decay == 0 and options.get("factor_decay", defaults["factor_decay"]) == 0
+            and options.get("eigen_every", defaults["eigen_every"]) == 1)

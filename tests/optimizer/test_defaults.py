@@ -260,3 +260,32 @@ def test_compiled_step_raises_on_device_skips():
                 break
     assert raised_at is not None and 4 <= raised_at <= 8, raised_at
     assert opt.preconditioner._host_skipped_steps == 0, "the skips were decided on the device"
+
+
+@pytest.mark.parametrize("curvature", CURVATURES)
+def test_the_contract_call_is_the_exact_step(curvature):
+    """The public contract's call, ``EKFAC(model, lr=..., damping=1e-3, momentum=0,
+    weight_decay=0, factor_decay=0, eigen_every=1)`` with no ``kl_clip``, is the exact step (the
+    oracle-tested ``kl_clip=None`` path, bit for bit): the default trust region is off there only."""
+    contract = dict(lr=0.1, damping=1e-3, curvature=curvature, momentum=0.0, weight_decay=0.0, factor_decay=0.0,
+                    eigen_every=1)
+    runs = []
+    for extra in ({}, {"kl_clip": None}):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        opt = EKFAC(model, **contract, **extra)
+        assert opt.preconditioner.config.kl_clip is None
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x, y = torch.randn(16, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append(list(model.parameters()))
+    for p, q in zip(*runs):
+        assert_bitwise_equal(p, q, "contract call vs kl_clip=None")
+    # any other configuration keeps the default trust region, and an explicit number always applies
+    for changed in ({"momentum": 0.9}, {"weight_decay": 1e-4}, {"factor_decay": 0.95}, {"eigen_every": 2}):
+        opt = EKFAC(nn.Linear(3, 2), **{**contract, **changed})
+        assert opt.preconditioner.config.kl_clip == 1e-3, changed
+    assert EKFAC(nn.Linear(3, 2), **contract, kl_clip=1e-2).preconditioner.config.kl_clip == 1e-2
